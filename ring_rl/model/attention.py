@@ -1,0 +1,169 @@
+"""The two token mixers of Ring-linear: lightning (linear) attention and GQA softmax attention.
+
+Both take flattened tokens x [N, hidden] with a `SeqBatch`; neither knows which engine
+runs it. Parameter names are the checkpoint's (`attention.query_key_value`, ...).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ring_rl.model.cache import SeqBatch
+from ring_rl.model.config import RingLinearConfig
+from ring_rl.model.ops import ModelOps
+
+
+class KeepFP32Buffers(nn.Module):
+    """Buffers named in `_fp32_buffers` follow the module's device but never its dtype:
+    `model.to(bfloat16)` must not round the decay schedule or the expert bias."""
+
+    _fp32_buffers: tuple[str, ...] = ()
+
+    def _apply(self, fn, recurse=True):
+        saved = {name: getattr(self, name) for name in self._fp32_buffers}
+        super()._apply(fn, recurse)
+        for name, before in saved.items():
+            after = getattr(self, name)
+            if not before.is_meta and not after.is_meta:
+                setattr(self, name, before.to(device=after.device, dtype=torch.float32))
+        return self
+
+
+class RMSNorm(nn.Module):
+    """Weight holder; the maths is `ops.rms_norm` (fp32 inside, cast back once)."""
+
+    def __init__(self, dim: int, eps: float, ops: ModelOps):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+        self.ops = ops
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        if residual is None:
+            return self.ops.rms_norm(x, self.weight, self.eps)
+        return self.ops.rms_norm(x, self.weight, self.eps, residual=residual)
+
+
+class LightningAttention(KeepFP32Buffers):
+    """Linear attention with per-head exponential decay, qk-norm, partial RoPE and an
+    output gate `GroupRMSNorm(o) * sigmoid(g_proj(x))`. MHA: K/V heads = Q heads."""
+
+    _fp32_buffers = ("log_decay",)
+
+    def __init__(self, config: RingLinearConfig, layer_idx: int, ops: ModelOps):
+        super().__init__()
+        self.layer_idx, self.ops = layer_idx, ops
+        self.num_heads = config.num_attention_heads
+        self.head_dim = config.linear_head_dim
+        width = self.num_heads * self.head_dim
+        self.rotary_dim = int(self.head_dim * config.partial_rotary_factor)
+        self.rope_theta = config.rope_theta
+        self.linear_silu = config.linear_silu
+        self.group_norm_size = config.group_norm_size
+        self.eps = config.rms_norm_eps
+        self.query_key_value = nn.Linear(config.hidden_size, 3 * width, bias=False)
+        self.g_proj = nn.Linear(config.hidden_size, width, bias=False)
+        self.dense = nn.Linear(width, config.hidden_size, bias=False)
+        self.g_norm = RMSNorm(width, config.rms_norm_eps, ops)
+        self.use_qk_norm = config.use_qk_norm
+        if self.use_qk_norm:
+            self.query_layernorm = RMSNorm(self.head_dim, config.rms_norm_eps, ops)
+            self.key_layernorm = RMSNorm(self.head_dim, config.rms_norm_eps, ops)
+        decay = ops.log_decay(layer_idx, config.num_hidden_layers, self.num_heads)
+        self.register_buffer("log_decay", decay, persistent=False)
+
+    def forward(self, x: torch.Tensor, batch: SeqBatch) -> torch.Tensor:
+        n, h, d = x.shape[0], self.num_heads, self.head_dim
+        qkv = self.query_key_value(x).float()  # the recurrence runs in fp32
+        if self.linear_silu:
+            qkv = F.silu(qkv)
+        q, k, v = qkv.view(n, 3, h, d).unbind(1)
+        if self.use_qk_norm:
+            q, k = self.query_layernorm(q), self.key_layernorm(k)
+        q = self.ops.rotary(q, batch.positions, self.rotary_dim, self.rope_theta)
+        k = self.ops.rotary(k, batch.positions, self.rotary_dim, self.rope_theta)
+        scale = d ** -0.5
+        decay = self.log_decay.to(q.device)
+        cache = batch.cache
+        if cache is None:
+            o, _ = self.ops.lightning_attn(q[None], k[None], v[None].contiguous(), decay, scale=scale,
+                                           cu_seqlens=batch.cu_seqlens)
+            o = o[0]
+        elif batch.is_decode:
+            o = self.ops.lightning_attn_decode(q, k, v.contiguous(), decay, cache.state[self.layer_idx],
+                                               state_indices=batch.slots, scale=scale)
+        else:
+            states = cache.state[self.layer_idx]
+            init = states[batch.slots].float()
+            o, final = self.ops.lightning_attn(q[None], k[None], v[None].contiguous(), decay, scale=scale,
+                                               initial_state=init, output_final_state=True,
+                                               cu_seqlens=batch.cu_seqlens)
+            states[batch.slots] = final.to(states.dtype)
+            o = o[0]
+        gate = self.g_proj(x)
+        o = self.ops.group_norm_gate(o.reshape(n, h * d), gate, self.g_norm.weight, self.group_norm_size, self.eps)
+        return self.dense(o.to(x.dtype))
+
+
+class SoftmaxAttention(nn.Module):
+    """Causal GQA attention with qk-norm and partial RoPE; KV cached per slot."""
+
+    def __init__(self, config: RingLinearConfig, layer_idx: int, ops: ModelOps):
+        super().__init__()
+        self.layer_idx, self.ops = layer_idx, ops
+        self.num_heads, self.num_kv_heads = config.num_attention_heads, config.num_key_value_heads
+        self.head_dim = config.head_dim
+        self.rotary_dim = int(self.head_dim * config.partial_rotary_factor)
+        self.rope_theta = config.rope_theta
+        qkv_width = (self.num_heads + 2 * self.num_kv_heads) * self.head_dim
+        self.query_key_value = nn.Linear(config.hidden_size, qkv_width, bias=False)
+        self.dense = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=False)
+        self.use_qk_norm = config.use_qk_norm
+        if self.use_qk_norm:
+            self.query_layernorm = RMSNorm(self.head_dim, config.rms_norm_eps, ops)
+            self.key_layernorm = RMSNorm(self.head_dim, config.rms_norm_eps, ops)
+
+    def forward(self, x: torch.Tensor, batch: SeqBatch) -> torch.Tensor:
+        n, d, dtype = x.shape[0], self.head_dim, x.dtype
+        q, k, v = self.query_key_value(x).split(
+            [self.num_heads * d, self.num_kv_heads * d, self.num_kv_heads * d], dim=-1)
+        q, k = q.reshape(n, self.num_heads, d).float(), k.reshape(n, self.num_kv_heads, d).float()
+        v = v.reshape(n, self.num_kv_heads, d)
+        if self.use_qk_norm:
+            q, k = self.query_layernorm(q), self.key_layernorm(k)
+        q = self.ops.rotary(q, batch.positions, self.rotary_dim, self.rope_theta).to(dtype)
+        k = self.ops.rotary(k, batch.positions, self.rotary_dim, self.rope_theta).to(dtype)
+        out = torch.empty(n, self.num_heads, d, dtype=dtype, device=x.device)
+        cu = batch.cu_seqlens.tolist()
+        cache = batch.cache
+        if cache is not None:
+            cache.reserve(int((batch.past_lens + torch.diff(batch.cu_seqlens).long()).max()))
+            k_cache, v_cache = cache.kv[self.layer_idx]
+        # One attention call per sequence: a sequence's result never depends on its batch.
+        for b in range(len(cu) - 1):
+            s, e = cu[b], cu[b + 1]
+            if e == s:
+                continue
+            qb = q[s:e].transpose(0, 1)  # [H, n_b, d]
+            if cache is None:
+                kb, vb, past = k[s:e].transpose(0, 1), v[s:e].transpose(0, 1), 0
+            else:
+                slot, past = int(batch.slots[b]), int(batch.past_lens[b])
+                k_cache[slot, :, past:past + e - s] = k[s:e].transpose(0, 1)
+                v_cache[slot, :, past:past + e - s] = v[s:e].transpose(0, 1)
+                kb, vb = k_cache[slot, :, :past + e - s], v_cache[slot, :, :past + e - s]
+            out[s:e] = _causal_attention(qb, kb, vb, past).transpose(0, 1)
+        return self.dense(out.reshape(n, self.num_heads * d))
+
+
+def _causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past: int) -> torch.Tensor:
+    """q [H, n, d] at positions past..past+n-1 over k/v [Hkv, past+n, d]."""
+    n = q.shape[1]
+    if past == 0:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+    if n == 1:
+        return F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+    # SDPA's is_causal aligns top-left; queries here sit at the end of the key range.
+    allowed = torch.arange(past + n, device=q.device)[None, :] <= (past + torch.arange(n, device=q.device))[:, None]
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, enable_gqa=True)

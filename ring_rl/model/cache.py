@@ -1,0 +1,114 @@
+"""Inference state for batched incremental decoding: one slot per sequence.
+
+Softmax layers keep K/V per slot ([slots, kv_heads, capacity, head_dim], model dtype,
+grown on demand); lightning layers keep the recurrent state per slot
+([slots, heads, d, d], fp32). `lengths[slot]` counts the tokens a slot has seen, so
+sequences of different lengths decode side by side.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ring_rl.model.config import RingLinearConfig
+
+
+class RingCache:
+    is_compileable = False  # read by transformers' generate()
+
+    def __init__(
+        self,
+        config: RingLinearConfig,
+        num_slots: int,
+        dtype: torch.dtype,
+        device: torch.device | str = "cpu",
+        capacity: int = 64,
+        state_dtype: torch.dtype = torch.float32,
+    ):
+        self.config = config
+        self.num_slots = num_slots
+        self.dtype = dtype
+        self.device = torch.device(device)
+        self.lengths = torch.zeros(num_slots, dtype=torch.long, device=self.device)
+        self.kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.state: dict[int, torch.Tensor] = {}
+        d_lin = config.linear_head_dim
+        for i in range(config.num_hidden_layers):
+            if config.is_softmax_layer(i):
+                shape = (num_slots, config.num_key_value_heads, capacity, config.head_dim)
+                self.kv[i] = (torch.zeros(shape, dtype=dtype, device=self.device),
+                              torch.zeros(shape, dtype=dtype, device=self.device))
+            else:
+                shape = (num_slots, config.num_attention_heads, d_lin, d_lin)
+                self.state[i] = torch.zeros(shape, dtype=state_dtype, device=self.device)
+
+    @property
+    def capacity(self) -> int:
+        return next(iter(self.kv.values()))[0].shape[2] if self.kv else 0
+
+    def reserve(self, total_len: int) -> None:
+        """Grow every KV buffer (doubling) so `total_len` tokens fit in a slot."""
+        cap = self.capacity
+        if not self.kv or total_len <= cap:
+            return
+        new_cap = max(total_len, 2 * cap)
+        for i, (k, v) in self.kv.items():
+            grown = []
+            for t in (k, v):
+                g = t.new_zeros(t.shape[0], t.shape[1], new_cap, t.shape[3])
+                g[:, :, :cap] = t
+                grown.append(g)
+            self.kv[i] = (grown[0], grown[1])
+
+    def reset(self, slots: torch.Tensor | None = None) -> None:
+        """Free slots for new sequences (all slots when `slots` is None)."""
+        idx = slice(None) if slots is None else slots
+        self.lengths[idx] = 0
+        for s in self.state.values():
+            s[idx] = 0
+
+    # transformers' generate() asks this of any cache it is handed.
+    def get_seq_length(self, layer_idx: int | None = 0) -> int:
+        return int(self.lengths.max()) if self.num_slots else 0
+
+
+@dataclass
+class SeqBatch:
+    """Metadata of one forward over flattened tokens (what every layer sees).
+
+    cu_seqlens [B+1] offsets of each sequence's new tokens; positions [N] absolute token
+    positions; with a cache, slots [B] maps each sequence to its cache slot and
+    past_lens [B] is how many tokens each slot held before this forward."""
+
+    cu_seqlens: torch.Tensor
+    positions: torch.Tensor
+    max_new: int
+    cache: RingCache | None = None
+    slots: torch.Tensor | None = None
+    past_lens: torch.Tensor | None = None
+
+    @property
+    def num_seqs(self) -> int:
+        return self.cu_seqlens.numel() - 1
+
+    @property
+    def is_decode(self) -> bool:
+        """Every sequence adds exactly one token to a cache (the recurrent-step path)."""
+        return self.cache is not None and self.max_new == 1 and self.positions.numel() == self.num_seqs
+
+    @staticmethod
+    def build(seqlens: torch.Tensor, cache: RingCache | None = None, slots: torch.Tensor | None = None) -> "SeqBatch":
+        device = seqlens.device
+        cu = torch.zeros(seqlens.numel() + 1, dtype=torch.int32, device=device)
+        cu[1:] = torch.cumsum(seqlens, 0)
+        past = None
+        if cache is not None:
+            if slots is None:
+                slots = torch.arange(seqlens.numel(), device=device)
+            past = cache.lengths[slots].to(device)
+        starts = past if past is not None else torch.zeros_like(seqlens)
+        seq_of_token = torch.repeat_interleave(torch.arange(seqlens.numel(), device=device), seqlens)
+        positions = torch.arange(int(cu[-1]), device=device) - cu[:-1].long()[seq_of_token] + starts[seq_of_token]
+        max_new = int(seqlens.max()) if seqlens.numel() else 0
+        return SeqBatch(cu, positions, max_new, cache, slots, past)

@@ -1,0 +1,99 @@
+"""The model's maths that engines must agree on, each as one named, swappable function.
+
+`ModelOps` bundles them; every layer calls its op through the model's `ops`, so the
+alignment harness can build a model with one op replaced (e.g. vLLM's decay schedule)
+and check that the difference is caught and localised.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from ring_rl import kernels
+
+
+# -- lightning-attention decay schedule ---------------------------------------------------
+def alibi_slopes(num_heads: int) -> list[float]:
+    """ALiBi slopes: 2^(-8(h+1)/H) for H a power of two; otherwise the slopes of the
+    nearest lower power of two, then every other slope of the next one."""
+    def power_of_two(n: int) -> list[float]:
+        start = 2.0 ** (-(2.0 ** -(math.log2(n) - 3)))
+        return [start ** (i + 1) for i in range(n)]
+
+    if math.log2(num_heads).is_integer():
+        return power_of_two(num_heads)
+    lower = 2 ** math.floor(math.log2(num_heads))
+    return power_of_two(lower) + power_of_two(2 * lower)[0::2][: num_heads - lower]
+
+
+def decay_hf(layer_idx: int, num_layers: int, num_heads: int) -> torch.Tensor:
+    """log λ_h per head, the HF reference form: ℓ = layer_idx − 1, unclamped."""
+    return _log_decay(layer_idx - 1, num_layers, num_heads)
+
+
+def decay_vllm(layer_idx: int, num_layers: int, num_heads: int) -> torch.Tensor:
+    """vLLM's / SGLang's form (ℓ = layer_idx): kept as an injectable mismatch."""
+    return _log_decay(layer_idx, num_layers, num_heads)
+
+
+def _log_decay(ell: int, num_layers: int, num_heads: int) -> torch.Tensor:
+    factor = 1.0 - ell / max(num_layers - 1, 1) + 1e-5
+    slopes = torch.tensor(alibi_slopes(num_heads), dtype=torch.float64)
+    return (-slopes * factor).to(torch.float32)
+
+
+# -- rotary embedding (neox style, partial) -----------------------------------------------
+def rotary(x: torch.Tensor, positions: torch.Tensor, rotary_dim: int, theta: float) -> torch.Tensor:
+    """Rotate the first `rotary_dim` features of x [N, heads, d] at `positions` [N], in fp32.
+
+    Returns fp32. Neox layout: the two halves of the rotary slice form the pairs."""
+    x = x.float()
+    half = rotary_dim // 2
+    inv_freq = 1.0 / (theta ** (torch.arange(0, half, device=x.device, dtype=torch.float32) * 2.0 / rotary_dim))
+    angles = positions.to(torch.float32)[:, None] * inv_freq[None, :]
+    cos, sin = angles.cos()[:, None, :], angles.sin()[:, None, :]
+    x1, x2, rest = x[..., :half], x[..., half:rotary_dim], x[..., rotary_dim:]
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin, rest), dim=-1)
+
+
+def rotary_full(x: torch.Tensor, positions: torch.Tensor, rotary_dim: int, theta: float) -> torch.Tensor:
+    """Injectable mismatch: RoPE over all dims, ignoring partial_rotary_factor."""
+    return rotary(x, positions, x.shape[-1], theta)
+
+
+# -- logits -----------------------------------------------------------------------------
+def lm_logits_fp32(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """lm_head in fp32 (as SGLang keeps it): logits decide the sampled token's probability."""
+    return F.linear(hidden.float(), weight.float())
+
+
+def lm_logits_model_dtype(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Injectable mismatch: lm_head in the model dtype (bf16), upcast afterwards."""
+    return F.linear(hidden.to(torch.bfloat16), weight.to(torch.bfloat16)).float()
+
+
+@dataclass(frozen=True)
+class ModelOps:
+    """The op set a model instance runs. Replace one field to inject a discrepancy."""
+
+    log_decay: Callable[[int, int, int], torch.Tensor] = decay_hf
+    rotary: Callable[..., torch.Tensor] = rotary
+    rms_norm: Callable[..., torch.Tensor] = kernels.rms_norm
+    group_norm_gate: Callable[..., torch.Tensor] = kernels.group_rms_norm_gate
+    lightning_attn: Callable[..., tuple] = kernels.lightning_attn
+    lightning_attn_decode: Callable[..., torch.Tensor] = kernels.lightning_attn_decode
+    router_logits: Callable[..., torch.Tensor] = kernels.router_logits
+    moe_route: Callable[..., tuple] = kernels.moe_route
+    moe_experts: Callable[..., torch.Tensor] = kernels.moe_experts
+    lm_logits: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = lm_logits_fp32
+    state_dtype: torch.dtype = torch.float32  # recurrent state of the lightning layers
+
+    def with_(self, **changes) -> "ModelOps":
+        return replace(self, **changes)
+
+
+DEFAULT_OPS = ModelOps()
