@@ -110,6 +110,7 @@ class RingLinearConfig(PretrainedConfig):
         self.initializer_range = initializer_range
         for key, default in _PASSTHROUGH_DEFAULTS.items():
             setattr(self, key, kwargs.pop(key, default))
+        self.validate_fields()  # before transformers' own checks, which read layer_types
         super().__init__(
             tie_word_embeddings=tie_word_embeddings,
             eos_token_id=eos_token_id,
@@ -117,7 +118,6 @@ class RingLinearConfig(PretrainedConfig):
             bos_token_id=bos_token_id,
             **kwargs,
         )
-        self.validate_fields()
 
     # -- derived layout -------------------------------------------------------------
     @property
@@ -178,6 +178,7 @@ class RingLinearConfig(PretrainedConfig):
             bad("hidden_act", "only 'silu' is implemented")
         # transformers folds rope_theta into a `rope_scaling`/`rope_parameters` dict of type "default".
         scaling = getattr(self, "rope_scaling", None) or {}
+        scaling = scaling if isinstance(scaling, dict) else {}
         if scaling.get("rope_type", scaling.get("type", "default")) != "default":
             bad("rope_scaling", "RoPE scaling is not implemented")
         if self.use_bias or self.use_qkv_bias:

@@ -1,0 +1,142 @@
+"""The GRPO loop on Ray: generate → reward → diff & correct → train → sync weights.
+
+The driver owns the loop, the data order, the metrics and the checkpoints; the actors own
+the model copies. Read top to bottom, this file is one GRPO run."""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import ray
+import torch
+from tqdm import tqdm
+
+from ring_rl.alignment_checks.metrics import logprob_mismatch
+from ring_rl.config import RunConfig, save_config
+from ring_rl.rl.data import PromptBatch, PromptStream, load_prompts, tokenize_prompts
+from ring_rl.rl.evaluate import evaluate
+from ring_rl.rl.grpo import group_advantages
+from ring_rl.rl.metrics import MetricsLogger
+from ring_rl.rl.reward import RewardFn
+from ring_rl.rl.run_state import CheckpointDirs
+from ring_rl.rl.workers import Workers
+from ring_rl.types import RolloutBatch, SamplingParams, TrainBatch
+
+log = logging.getLogger("ring_rl.train")
+
+
+@dataclass
+class RunResult:
+    steps_done: int
+    accuracy_before: float | None
+    accuracy_after: float | None
+    run_dir: Path
+
+
+def train(cfg: RunConfig, model_dir: str | Path, tokenizer) -> RunResult:
+    run_dir = Path(cfg.run.dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, run_dir / "config.yaml")
+    ckpts = CheckpointDirs(run_dir, keep=cfg.run.keep_checkpoints)
+    metrics = MetricsLogger(run_dir)
+    train_data = load_prompts(cfg.data, "train", tokenizer).dataset
+    test_data = load_prompts(cfg.data, "test", tokenizer).dataset if cfg.run.eval_every else None
+    stream = PromptStream(train_data, cfg.run.prompts_per_step, cfg.run.seed, cfg.rollout.group_size)
+    reward_fn = RewardFn(cfg.reward)
+
+    start_step, resume_from, acc_before = 0, _resume_point(cfg, ckpts), None
+    if resume_from is not None:
+        state = ckpts.read_state(resume_from)
+        start_step, acc_before = state["step"], state.get("accuracy_before")
+        stream.load_state_dict(state["stream"])
+        metrics.truncate_after(start_step)
+        log.info("resuming from %s (step %d)", resume_from, start_step)
+    workers = Workers(cfg, model_dir, trainer_state=resume_from / "trainer" if resume_from else None)
+    try:
+        if test_data is not None and acc_before is None:
+            acc_before = evaluate(workers, test_data, tokenizer, reward_fn, cfg)["eval/accuracy"]
+            log.info("test accuracy before training: %.1f%%", 100 * acc_before)
+        bar = tqdm(range(start_step + 1, cfg.run.steps + 1), initial=start_step, total=cfg.run.steps,
+                   desc="GRPO", unit="step", dynamic_ncols=True)
+        row = {}
+        for step in bar:
+            row = grpo_step(cfg, step, stream.next_batch(), workers, tokenizer, reward_fn)
+            if test_data is not None and (step % cfg.run.eval_every == 0 or step == cfg.run.steps):
+                row.update(evaluate(workers, test_data, tokenizer, reward_fn, cfg))
+            metrics.log(step, row)
+            bar.set_postfix(reward=f"{row['reward/mean']:.3f}", tok_s=f"{row['perf/rollout_tokens_per_s']:.0f}")
+            if (cfg.run.checkpoint_every and step % cfg.run.checkpoint_every == 0) or step == cfg.run.steps:
+                save_checkpoint(ckpts, workers, step, stream, acc_before)
+        acc_after = row.get("eval/accuracy")
+        return RunResult(cfg.run.steps, acc_before, acc_after, run_dir)
+    finally:
+        metrics.close()
+        workers.shutdown()
+
+
+def grpo_step(cfg: RunConfig, step: int, prompts: PromptBatch, workers: Workers, tokenizer,
+              reward_fn: RewardFn) -> dict:
+    t0 = time.perf_counter()
+    G = cfg.rollout.group_size
+    prompt_ids = tokenize_prompts(prompts.prompts, tokenizer)
+    seq_prompts = [ids for ids in prompt_ids for _ in range(G)]
+    params = SamplingParams(cfg.rollout.temperature, cfg.rollout.top_p, cfg.rollout.top_k,
+                            cfg.rollout.max_new_tokens, cfg.rollout.seed)
+    # Seeds per (step, sequence): the same step samples the same tokens after a resume.
+    seeds = [hash((cfg.rollout.seed, step, i)) & 0x7FFFFFFF for i in range(len(seq_prompts))]
+    rollout = workers.generate(seq_prompts, params, seeds, prompts.sequence_group_ids())
+    t_rollout = time.perf_counter()
+
+    texts = tokenizer.batch_decode([r.tolist() for r in rollout.response_ids], skip_special_tokens=True)
+    rewards = torch.tensor(reward_fn.score(texts, prompts.sequence_answers()), dtype=torch.float32)
+    advantages, equal_groups = group_advantages(rewards, G, std_norm=cfg.trainer.adv_std_norm)
+    t_reward = time.perf_counter()
+
+    trainer_lp = workers.trainer_logprobs(rollout, replay=cfg.alignment.routing_replay)
+    align = logprob_mismatch(rollout.logprobs, trainer_lp)
+    old = trainer_lp if cfg.alignment.policy != "none" else rollout.logprobs
+    batch = TrainBatch(rollout=rollout, rewards=rewards, advantages=advantages, old_logprobs=old)
+    train_stats = workers.train(batch)
+    t_train = time.perf_counter()
+    version = workers.sync_weights()
+    t_sync = time.perf_counter()
+
+    n_tokens = rollout.num_response_tokens
+    return {
+        "reward/mean": rewards.mean().item(),
+        "reward/std": rewards.std().item() if len(rewards) > 1 else 0.0,
+        "reward/accuracy": (rewards > 0.5).float().mean().item(),
+        "reward/equal_reward_groups": int(equal_groups.sum()) if hasattr(equal_groups, "sum") else equal_groups,
+        "response/length_mean": n_tokens / len(rollout),
+        "response/eos_frac": sum(f == "eos" for f in rollout.finish_reasons) / len(rollout),
+        **{f"train/{k}": v for k, v in train_stats.items()},
+        **align,
+        "weights/version": version,
+        "perf/rollout_tokens_per_s": n_tokens / max(t_rollout - t0, 1e-9),
+        "perf/rollout_s": t_rollout - t0,
+        "perf/reward_s": t_reward - t_rollout,
+        "perf/train_s": t_train - t_reward,
+        "perf/sync_s": t_sync - t_train,
+        "perf/step_s": t_sync - t0,
+    }
+
+
+def save_checkpoint(ckpts: CheckpointDirs, workers: Workers, step: int, stream: PromptStream,
+                    acc_before: float | None) -> Path:
+    staging = ckpts.staging(step)
+    workers.save_trainer(staging / "trainer")
+    return ckpts.commit(staging, step, {"stream": stream.state_dict(), "accuracy_before": acc_before})
+
+
+def _resume_point(cfg: RunConfig, ckpts: CheckpointDirs) -> Path | None:
+    latest = ckpts.latest()
+    if cfg.run.resume and latest is None:
+        raise FileNotFoundError(f"run.resume is set but {ckpts.root} has no checkpoint")
+    return latest if (cfg.run.resume or cfg.run.auto_resume) else None
+
+
+def shutdown_ray() -> None:
+    if ray.is_initialized():
+        ray.shutdown()

@@ -1,0 +1,21 @@
+"""Test-split accuracy: greedy decoding with the rollout workers, scored by the reward."""
+from __future__ import annotations
+
+from ring_rl.config import RunConfig
+from ring_rl.rl.data import eval_batches, tokenize_prompts
+from ring_rl.rl.reward import RewardFn
+from ring_rl.types import SamplingParams
+
+
+def evaluate(workers, dataset, tokenizer, reward_fn: RewardFn, cfg: RunConfig) -> dict[str, float]:
+    """Greedy answers to the first `run.eval_prompts` test prompts; share correct."""
+    params = SamplingParams(temperature=0.0, max_new_tokens=cfg.rollout.max_new_tokens)
+    correct = total = 0
+    for batch in eval_batches(dataset, cfg.run.eval_prompts, batch_size=256):
+        ids = tokenize_prompts(batch.prompts, tokenizer)
+        out = workers.generate(ids, params, seeds=[0] * len(ids), group_ids=batch.group_ids)
+        texts = tokenizer.batch_decode([r.tolist() for r in out.response_ids], skip_special_tokens=True)
+        infos = reward_fn.score_with_info(texts, batch.answers)
+        correct += sum(i.correct for i in infos)
+        total += len(infos)
+    return {"eval/accuracy": correct / max(total, 1), "eval/prompts": total}

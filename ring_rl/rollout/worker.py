@@ -1,0 +1,54 @@
+"""The rollout worker a Ray actor wraps: one engine, versioned weights, tokens in and out.
+
+Engines (native now, vLLM later) sit behind the same three calls: `generate`,
+`load_weights`, `weight_version`. The worker is plain Python; `ring_rl.rl.placement`
+turns it into a Ray actor, so it is testable without Ray.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from ring_rl.types import RolloutBatch, SamplingParams
+
+
+class RolloutWorker:
+    def __init__(self, model_dir: str, engine: str = "native", dtype: str = "fp32", device: str = "cpu",
+                 prefill_chunk: int = 0, threads: int | None = None):
+        if threads:
+            torch.set_num_threads(threads)
+        if engine != "native":
+            raise ValueError(f"rollout.engine={engine!r}: only 'native' is available in this build")
+        from ring_rl.model import load_checkpoint
+        from ring_rl.model.tokenizer import load_tokenizer
+        from ring_rl.rollout.native import NativeEngine
+
+        torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
+        model = load_checkpoint(model_dir, dtype=torch_dtype).to(device)
+        tok = load_tokenizer(model_dir)
+        eos = [tok.eos_token_id] if tok.eos_token_id is not None else []
+        eos += [e for e in _as_list(model.config.eos_token_id) if e is not None]
+        self.engine = NativeEngine(model, eos, prefill_chunk=prefill_chunk)
+        self.pid = os.getpid()
+
+    def generate(self, prompts: list[list[int]], params: SamplingParams, expected_version: int | None = None,
+                 seeds: list[int] | None = None, group_ids: list[int] | None = None) -> RolloutBatch:
+        return self.engine.generate(prompts, params, expected_version, seeds, group_ids)
+
+    def load_weights(self, version: int, state_dict: dict[str, torch.Tensor]) -> int:
+        self.engine.load_weights(state_dict, version)
+        return version
+
+    def weight_version(self) -> int:
+        return self.engine.weight_version
+
+    def stats(self) -> dict[str, float]:
+        return dict(self.engine.last_stats)
+
+    def get_pid(self) -> int:
+        return self.pid
+
+
+def _as_list(x) -> list:
+    return list(x) if isinstance(x, (list, tuple)) else [x]
