@@ -55,9 +55,81 @@ def _data_arith(args) -> int:
     return 0
 
 
+def _load_run_config(args):
+    from ring_rl.config import load_config
+
+    overrides = list(args.overrides)
+    if getattr(args, "resume", False):
+        overrides.append("run.resume=true")
+    return load_config(args.config, overrides)
+
+
+def _setup_logging() -> None:
+    import logging
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+
+
+def _train(args) -> int:
+    from ring_rl.rl.bootstrap import prepare_run
+    from ring_rl.rl.driver import train
+
+    _setup_logging()
+    cfg = _load_run_config(args)
+    model_dir, tokenizer = prepare_run(cfg)
+    result = train(cfg, model_dir, tokenizer)
+    if result.accuracy_before is not None and result.accuracy_after is not None:
+        print(f"test accuracy: before GRPO {100 * result.accuracy_before:.1f}%, "
+              f"after {100 * result.accuracy_after:.1f}% "
+              f"({100 * (result.accuracy_after - result.accuracy_before):+.1f} points)")
+    print(f"run directory: {result.run_dir} (metrics.jsonl, tensorboard/, checkpoints/)")
+    return 0
+
+
+def _sft(args) -> int:
+    from ring_rl.rl.bootstrap import ensure_data
+    from ring_rl.rl.sft import run_sft
+
+    _setup_logging()
+    cfg = _load_run_config(args)
+    ensure_data(cfg)
+    out = run_sft(cfg, args.out or cfg.model.name_or_path)
+    print(f"wrote the SFT checkpoint to {out}")
+    return 0
+
+
+def _eval(args) -> int:
+    from ring_rl.rl.bootstrap import evaluate_checkpoint
+
+    _setup_logging()
+    cfg = _load_run_config(args)
+    acc, n = evaluate_checkpoint(cfg, args.model, args.data)
+    print(f"accuracy {100 * acc:.1f}% on {n} prompts of {args.data or cfg.data.test_files}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ring-rl", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("train", help="run GRPO (builds the data and starting checkpoint if missing)")
+    s.add_argument("--config", required=True, help="run config YAML (see configs/)")
+    s.add_argument("--resume", action="store_true", help="continue from the newest checkpoint")
+    s.add_argument("overrides", nargs="*", help="dotted overrides, e.g. trainer.lr=1e-5")
+    s.set_defaults(fn=_train)
+
+    s = sub.add_parser("sft", help="supervised warm-up that makes the starting checkpoint")
+    s.add_argument("--config", required=True)
+    s.add_argument("--out", help="output checkpoint dir (default: model.name_or_path)")
+    s.add_argument("overrides", nargs="*")
+    s.set_defaults(fn=_sft)
+
+    s = sub.add_parser("eval", help="greedy accuracy of a checkpoint on a test file")
+    s.add_argument("--model", required=True, help="checkpoint directory")
+    s.add_argument("--data", help="JSONL/Parquet file (default: the config's data.test_files)")
+    s.add_argument("--config", help="run config for data format, template and reward (optional)")
+    s.add_argument("overrides", nargs="*")
+    s.set_defaults(fn=_eval)
 
     s = sub.add_parser("model-info", help="parameter counts, layer schedule and memory of a config")
     s.add_argument("config", help="preset name, config.json or checkpoint directory")

@@ -1,0 +1,267 @@
+"""Math answer reward: extract the final answer, compare with the gold via math_verify.
+
+Extraction (in-process, linear time, bounded): the last `\\boxed{...}` (balanced braces),
+else the last number in the response. Comparison:
+  fast path  both sides plain numbers (12, -3.5, 1,234, 3/4): exact rational comparison.
+  slow path  anything else goes to math_verify (sympy) in a child process.
+Why a child process: math_verify's own timeout uses SIGALRM, which only works in the main
+thread (not in threaded or async Ray actors), and some short inputs make sympy run for
+minutes (`\\boxed{9^{9^{9}}}` did not finish in 60 s; 16 nested braces took 45 s). A process
+can be killed at `reward.timeout_s` from any thread; it is restarted on the next slow item.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import select
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from fractions import Fraction
+
+from ring_rl.config import RewardConfig
+
+_MAX_NESTING = 8  # ( [ { levels inside \boxed{}; see _balanced
+_STARTUP_TIMEOUT_S = 120.0  # importing sympy on a busy machine; not charged to any answer
+_CHILD_MEMORY_BYTES = 4 << 30  # a runaway bignum fails with MemoryError, not the host's OOM
+
+# An optional sign (not a subtraction: no digit/letter/closing bracket before it), digits with
+# optional thousands commas, an optional decimal part or /denominator.
+_NUMBER = re.compile(r"(?:(?<![\w)\]])-)?\d+(?:,\d{3})*(?:\.\d+)?(?:/\d+)?")
+_PLAIN = re.compile(r"-?\d+(?:\.\d+)?(?:/\d+)?")
+_BARE_RESPONSE = re.compile(r"\s*-?\d+(?:,\d{3})*(?:\.\d+)?\s*(?:<[^<>]{1,24}>)?\s*")
+
+
+@dataclass
+class RewardInfo:
+    reward: float  # what the trainer sees: correct + format_reward * formatted
+    correct: bool
+    answer: str | None  # the extracted answer (shortened when too long); None if none found
+    reason: str  # correct | wrong | no_answer | unclosed_boxed | answer_too_long | too_nested | unparsable | timeout | error
+    formatted: bool  # answer boxed, or the whole response a bare number
+
+
+class RewardFn:
+    """`score(responses, golds) -> rewards`; safe from any thread; call close() when done."""
+
+    def __init__(self, cfg: RewardConfig):
+        self.cfg = cfg
+        self._worker: _VerifyWorker | None = None
+        self._lock = threading.Lock()  # one request in flight per worker pipe
+
+    def score(self, responses: list[str], golds: list[str]) -> list[float]:
+        return [info.reward for info in self.score_with_info(responses, golds)]
+
+    def score_with_info(self, responses: list[str], golds: list[str]) -> list[RewardInfo]:
+        if len(responses) != len(golds):
+            raise ValueError(f"{len(responses)} responses but {len(golds)} gold answers")
+        return [self._score_one(r, g) for r, g in zip(responses, golds)]
+
+    def warmup(self) -> None:
+        """Start the math_verify worker now instead of at the first non-numeric answer."""
+        with self._lock:
+            self._get_worker()
+
+    def close(self) -> None:
+        with self._lock:
+            if self._worker is not None:
+                self._worker.stop()
+                self._worker = None
+
+    def __enter__(self) -> "RewardFn":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        worker = getattr(self, "_worker", None)
+        if worker is not None:
+            worker.stop()
+
+    def _score_one(self, response: str, gold: str) -> RewardInfo:
+        answer, kind, problem = extract_answer(response, self.cfg.max_answer_chars)
+        formatted = kind == "boxed" or (len(response) <= 64 and _BARE_RESPONSE.fullmatch(response) is not None)
+        if problem is not None:
+            correct, reason = False, problem
+        else:
+            correct, reason = self._compare(answer, gold)
+        reward = float(correct) + (self.cfg.format_reward if formatted else 0.0)
+        return RewardInfo(reward, correct, answer, reason, formatted)
+
+    def _compare(self, answer: str, gold: str) -> tuple[bool, str]:
+        mine, theirs = plain_number(answer), plain_number(gold)
+        if mine is not None and theirs is not None:
+            return mine == theirs, "correct" if mine == theirs else "wrong"
+        with self._lock:
+            worker = self._get_worker()
+            outcome = worker.verify(answer, gold, self.cfg.timeout_s)
+            if outcome in ("timeout", "error"):
+                worker.stop()  # a killed or dead child; the next slow item starts a fresh one
+                self._worker = None
+        if outcome in ("timeout", "error", "unparsable"):
+            return False, outcome
+        return outcome == "correct", outcome
+
+    def _get_worker(self) -> "_VerifyWorker":
+        if self._worker is None:
+            self._worker = _VerifyWorker()
+        return self._worker
+
+
+def extract_answer(response: str, max_chars: int) -> tuple[str | None, str | None, str | None]:
+    """(answer, kind 'boxed'|'number', problem): problem is None when the answer is usable."""
+    start = response.rfind("\\boxed")
+    if start >= 0:
+        i = start + len("\\boxed")
+        while i < len(response) and response[i] == " ":
+            i += 1
+        if i < len(response) and response[i] == "{":
+            return _balanced(response, i, max_chars)
+    last = None
+    for last in _NUMBER.finditer(response):
+        pass
+    if last is None:
+        return None, None, "no_answer"
+    text = last.group(0)
+    if len(text) > max_chars:
+        return text[:32] + "...", "number", "answer_too_long"
+    return text, "number", None
+
+
+def plain_number(text: str) -> Fraction | None:
+    """12, -3.5, 1,234 or 3/4 as an exact rational; None for anything else (LaTeX, units)."""
+    text = text.strip()
+    if "," in text:
+        if not re.fullmatch(r"-?\d{1,3}(?:,\d{3})+(?:\.\d+)?", text):
+            return None  # "1,2" is a pair, not one thousand two hundred
+        text = text.replace(",", "")
+    if len(text) > 4000 or not _PLAIN.fullmatch(text):  # 4000: under Python's int-parsing limit
+        return None
+    try:
+        return Fraction(text)
+    except (ValueError, ZeroDivisionError):
+        return None
+
+
+def _balanced(text: str, open_at: int, max_chars: int) -> tuple[str | None, str, str | None]:
+    """Contents of the brace group opening at text[open_at]; escaped \\{ \\} do not count.
+
+    Nesting of ( [ { together is capped: sympy's time grows fast with it (120 nested
+    parentheses took 4.5 s, 16 nested braces 45 s), and real answers nest a few levels.
+    """
+    braces, nest, max_nest, i, end_limit = 0, 0, 0, open_at, open_at + max_chars + 2
+    while i < len(text):
+        c = text[i]
+        if c == "\\":
+            i += 2
+            continue
+        if c in "([{":
+            nest += 1
+            max_nest = max(max_nest, nest)
+            braces += c == "{"
+        elif c in ")]}":
+            nest -= 1
+            braces -= c == "}"
+            if braces == 0:
+                inner = text[open_at + 1:i]
+                if max_nest - 1 > _MAX_NESTING:
+                    return inner[:32] + "...", "boxed", "too_nested"
+                return (inner, "boxed", None) if inner.strip() else (None, "boxed", "no_answer")
+        if i >= end_limit:
+            return text[open_at + 1:open_at + 33] + "...", "boxed", "answer_too_long"
+        i += 1
+    return None, "boxed", "unclosed_boxed"
+
+
+class _VerifyWorker:
+    """A child Python process answering one JSON request per line with math_verify."""
+
+    def __init__(self):
+        root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])))
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", "from ring_rl.rl.reward import _serve; _serve()"],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, close_fds=True)
+        if self._read_line(_STARTUP_TIMEOUT_S) != {"ready": True}:
+            self.stop()
+            raise RuntimeError("the math_verify reward worker did not start (see its stderr above)")
+
+    def verify(self, answer: str, gold: str, timeout_s: float) -> str:
+        try:
+            self.proc.stdin.write((json.dumps({"answer": answer, "gold": gold}) + "\n").encode())
+            self.proc.stdin.flush()
+        except (BrokenPipeError, OSError):
+            return "error"
+        reply = self._read_line(timeout_s)
+        return reply.get("outcome", "error") if isinstance(reply, dict) else reply
+
+    def _read_line(self, timeout_s: float):
+        deadline = time.monotonic() + timeout_s
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return "timeout"
+            ready, _, _ = select.select([self.proc.stdout], [], [], left)
+            if ready:
+                line = self.proc.stdout.readline()  # the child writes each reply as one line
+                if not line:
+                    return "error"  # the child died
+                return json.loads(line)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+        for pipe in (self.proc.stdin, self.proc.stdout):
+            try:
+                pipe.close()
+            except OSError:
+                pass
+
+
+def _serve() -> None:
+    """The child's loop: stdin requests, stdout replies; stray prints go to stderr."""
+    import logging
+    import resource
+
+    out = os.fdopen(os.dup(1), "w")
+    os.dup2(2, 1)  # library output must not corrupt the reply stream
+    try:
+        resource.setrlimit(resource.RLIMIT_AS, (_CHILD_MEMORY_BYTES, _CHILD_MEMORY_BYTES))
+    except (ValueError, OSError):
+        pass
+    logging.getLogger("math_verify").setLevel(logging.ERROR)  # "timeout disabled" warnings
+    from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse, verify
+
+    targets = [LatexExtractionConfig(), ExprExtractionConfig()]
+    gold_cache: dict[str, list] = {}
+
+    def parsed(text: str) -> list:
+        # parsing_timeout=None: no SIGALRM; the parent enforces the time limit by killing us.
+        return parse(f"${text}$", extraction_config=targets, parsing_timeout=None)
+
+    out.write(json.dumps({"ready": True}) + "\n")
+    out.flush()
+    for line in sys.stdin:
+        request = json.loads(line)
+        try:
+            gold = gold_cache.get(request["gold"])
+            if gold is None:
+                gold = gold_cache.setdefault(request["gold"], parsed(request["gold"]))
+                if len(gold_cache) > 4096:
+                    gold_cache.clear()
+            answer = parsed(request["answer"])
+            if not gold or not answer:
+                outcome = "unparsable"
+            else:
+                ok = verify(gold, answer, timeout_seconds=None)
+                outcome = "correct" if ok else "wrong"
+        except Exception:  # noqa: BLE001 - MemoryError, RecursionError, sympy bugs: a 0, not a crash
+            outcome = "error"
+        out.write(json.dumps({"outcome": outcome}) + "\n")
+        out.flush()
