@@ -1,0 +1,106 @@
+"""Lightning attention (linear attention with a fixed per-head decay), Ring-linear's mixer.
+
+    o, final_state = lightning_attn(q, k, v, log_decay, scale=None, initial_state=None,
+                                    output_final_state=False, cu_seqlens=None)
+    o = lightning_attn_decode(q, k, v, log_decay, state, state_indices=None, scale=None)
+
+The maths is defined in `reference.py`. Dispatch (see `ring_rl.kernels.dispatch`): Triton on
+CUDA tensors (chunked kernels in `triton_chunk.py` / `triton_chunk_bwd.py`, the one-step kernel
+in `triton_decode.py`); on CPU tensors the plain-PyTorch chunked reference, or for batches of
+short sequences (<= 256 tokens) its batched equivalent in `torch_batched.py` (RL batches of
+many short responses would otherwise loop in Python; `RING_RL_KERNELS=reference` forces the
+reference). Both paths give
+gradients for q, k, v and initial_state; log_decay is a fixed schedule and gets none.
+"""
+from __future__ import annotations
+
+import torch
+
+from ring_rl.kernels.dispatch import kernel_mode, use_triton
+from ring_rl.kernels.lightning_attn.torch_batched import MAX_LEN, lightning_attn_batched
+from ring_rl.kernels.lightning_attn.reference import (
+    _check,
+    chunk_lightning_attn_ref,
+    lightning_attn_decode_ref,
+    naive_lightning_attn,
+    recurrent_lightning_attn_ref,
+)
+
+__all__ = [
+    "lightning_attn",
+    "lightning_attn_decode",
+    "naive_lightning_attn",
+    "chunk_lightning_attn_ref",
+    "recurrent_lightning_attn_ref",
+    "lightning_attn_decode_ref",
+]
+
+
+class LightningAttnFunction(torch.autograd.Function):
+    """Triton chunked forward; the backward recomputes the chunk states (saves memory)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, log_decay, scale, initial_state, output_final_state, cu_seqlens):
+        from ring_rl.kernels.lightning_attn import triton_chunk
+
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+        g = log_decay.detach().to(device=q.device, dtype=torch.float32).contiguous()
+        h0 = None if initial_state is None else initial_state.detach().float().contiguous()
+        plan = triton_chunk.make_plan(q, v, cu_seqlens)
+        o, ht = triton_chunk.chunk_fwd(q, k, v, g, scale, h0, output_final_state, plan)
+        ctx.save_for_backward(q, k, v, g, h0)
+        ctx.scale, ctx.plan = scale, plan
+        ctx.h0_dtype = None if initial_state is None else initial_state.dtype
+        return o, ht
+
+    @staticmethod
+    def backward(ctx, do, dht):
+        from ring_rl.kernels.lightning_attn import triton_chunk_bwd
+
+        q, k, v, g, h0 = ctx.saved_tensors
+        dht = None if dht is None else dht.float().contiguous()
+        dq, dk, dv, dh0 = triton_chunk_bwd.chunk_bwd(
+            q, k, v, g, ctx.scale, h0, do.contiguous(), dht, ctx.plan
+        )
+        if dh0 is not None and ctx.h0_dtype is not None:
+            dh0 = dh0.to(ctx.h0_dtype)
+        return dq, dk, dv, None, None, dh0, None, None
+
+
+def lightning_attn(q, k, v, log_decay, scale=None, initial_state=None,
+                   output_final_state=False, cu_seqlens=None):
+    """Chunked lightning attention over whole sequences (prefill and training).
+
+    q, k [B, T, H, K]; v [B, T, H, V]; log_decay [H] fp32, <= 0; initial_state
+    [N, H, K, V] fp32 or None. With cu_seqlens (int [N+1] offsets) B is 1 and T packs N
+    sequences. Returns o [B, T, H, V] in v's dtype and the final states [N, H, K, V] fp32
+    (None unless output_final_state).
+    """
+    _check(q, k, v, log_decay, initial_state, cu_seqlens)
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    if not use_triton(q, k, v):
+        if kernel_mode() == "auto" and _longest(q, cu_seqlens) <= MAX_LEN:
+            # CPU, many short sequences: the batched torch form (same maths, no Python loop).
+            return lightning_attn_batched(q, k, v, log_decay, scale, initial_state,
+                                          output_final_state, cu_seqlens)
+        return chunk_lightning_attn_ref(q, k, v, log_decay, scale, initial_state,
+                                        output_final_state, cu_seqlens)
+    return LightningAttnFunction.apply(q, k, v, log_decay, scale, initial_state,
+                                       output_final_state, cu_seqlens)
+
+
+def _longest(q, cu_seqlens) -> int:
+    return q.shape[1] if cu_seqlens is None else int(torch.diff(cu_seqlens).max()) if cu_seqlens.numel() > 1 else 0
+
+
+def lightning_attn_decode(q, k, v, log_decay, state, state_indices=None, scale=None):
+    """One token per sequence: q, k [N, H, K], v [N, H, V]; reads and updates
+    state[state_indices[i]] of the fp32 slot cache [slots, H, K, V] in place (slot i when
+    state_indices is None; a negative index is a padding row, left alone, output zero).
+    Returns o [N, H, V] in v's dtype. Inference only (no autograd)."""
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    if not use_triton(q, k, v, state):
+        return lightning_attn_decode_ref(q, k, v, log_decay, state, state_indices, scale)
+    from ring_rl.kernels.lightning_attn import triton_decode
+
+    return triton_decode.decode_step(q, k, v, log_decay, state, state_indices, scale)

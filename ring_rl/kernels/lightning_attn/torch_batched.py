@@ -1,0 +1,59 @@
+"""A batched plain-PyTorch lightning attention for many short packed sequences on CPU.
+
+The reference runs each packed sequence (and each chunk) in a Python loop, which is what
+the readable definition should do but is slow for RL batches of dozens of 10-token
+sequences. This pads them to [B, T_max] and evaluates the quadratic (decay-masked) form for
+all of them in a few batched einsums; autograd gives the backward. Same maths, fp32.
+"""
+from __future__ import annotations
+
+import torch
+
+MAX_LEN = 256  # the quadratic form costs T^2 per head: longer sequences take the chunked path
+
+
+def lightning_attn_batched(q, k, v, log_decay, scale, initial_state, output_final_state, cu_seqlens):
+    """Same contract as `lightning_attn` (q/k [B, T, H, K], v [B, T, H, V], or B = 1 packed
+    with cu_seqlens); returns (o in v's dtype, final state fp32 or None)."""
+    out_dtype = v.dtype
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    q, k, v = q.float(), k.float(), v.float()
+    if cu_seqlens is None:
+        lens = torch.full((q.shape[0],), q.shape[1], dtype=torch.long, device=q.device)
+        qp, kp, vp = q, k, v
+        seq = pos = None
+    else:
+        lens = torch.diff(cu_seqlens).long()
+        seq = torch.repeat_interleave(torch.arange(lens.numel(), device=q.device), lens)
+        pos = torch.arange(seq.numel(), device=q.device) - cu_seqlens[:-1].long()[seq]
+        tmax = int(lens.max()) if lens.numel() else 0
+        qp, kp, vp = (_pad(x[0], seq, pos, lens.numel(), tmax) for x in (q, k, v))
+    nseq, tmax, nheads = qp.shape[0], qp.shape[1], qp.shape[2]
+    g = log_decay.float().to(q.device)
+    t = torch.arange(tmax, device=q.device, dtype=torch.float32)
+    dist = t[:, None] - t[None, :]                                   # t - s
+    decay = torch.exp(g[:, None, None] * dist.clamp(min=0)) * (dist >= 0)  # [H, T, T]
+    scores = torch.einsum("bthk,bshk->bhts", qp, kp) * decay[None]
+    o = torch.einsum("bhts,bshv->bthv", scores, vp)
+    h0 = initial_state.float() if initial_state is not None else None
+    if h0 is not None:
+        carry = torch.exp(g[None, :] * (t[:, None] + 1))               # λ^(t+1), [T, H]
+        o = o + torch.einsum("bthk,bhkv->bthv", qp, h0) * carry[None, :, :, None]
+    o = o * scale
+    final = None
+    if output_final_state:
+        # S at a sequence's own end L: Σ_{s<L} λ^(L-1-s) k_sᵀ v_s + λ^L S0; padding weighs 0.
+        rest = (lens[:, None].float() - 1 - t[None, :])                 # [B, T]
+        w = torch.exp(g[None, :, None] * rest.clamp(min=0)[:, None, :]) * (rest >= 0)[:, None, :]
+        final = torch.einsum("bhs,bshk,bshv->bhkv", w, kp, vp)
+        if h0 is not None:
+            final = final + torch.exp(g[None, :] * lens[:, None].float())[..., None, None] * h0
+    if seq is not None:
+        o = o[seq, pos][None]
+    return o.to(out_dtype), final
+
+
+def _pad(x: torch.Tensor, seq: torch.Tensor, pos: torch.Tensor, nseq: int, tmax: int) -> torch.Tensor:
+    out = x.new_zeros(nseq, tmax, *x.shape[1:])
+    out[seq, pos] = x
+    return out
