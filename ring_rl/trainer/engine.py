@@ -1,0 +1,355 @@
+"""TrainerEngine: the policy model under DeepSpeed — logprobs, GRPO updates, SFT, checkpoints.
+
+One instance per trainer rank. On CPU it runs a single-process gloo group; on GPUs one
+process per GPU with NCCL (the env vars RANK/WORLD_SIZE/... come from the launcher or Ray).
+
+Gradient accumulation is done here, not by DeepSpeed's micro-step counter: a minibatch has
+as many micro-batches as its sequences need, each micro-batch's loss is scaled by its share
+of the minibatch's tokens (or sequences), and the last one marks the accumulation boundary.
+The sum of the micro-batch gradients is then exactly the gradient of the minibatch loss.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import time
+from pathlib import Path
+
+import torch
+from torch.nn.utils.rnn import pad_sequence
+
+from ring_rl.config import TrainerConfig
+from ring_rl.model.checkpoint import CheckpointError, load_checkpoint
+from ring_rl.trainer.loss import kl_penalty, masked_aggregate, policy_loss
+from ring_rl.trainer import checkpoint as ckpt
+from ring_rl.trainer.ds_config import build_ds_config, lr_factor
+from ring_rl.trainer.logprobs import (FlatPolicy, logprob_temperature, micro_batches, pack,
+                                      response_sequences, score, stack_router_ids)
+from ring_rl.types import RolloutBatch, TrainBatch
+
+
+def init_distributed(device: str) -> None:
+    """A one-process group unless a launcher set RANK/WORLD_SIZE; gloo on CPU, NCCL on GPU."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        return
+    import deepspeed
+
+    backend = "gloo" if device == "cpu" else "nccl"
+    if "WORLD_SIZE" in os.environ:  # a launcher (torchrun, deepspeed) set the rendezvous
+        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False)
+        return
+    # One process: a private rendezvous on a free port, passed explicitly rather than through
+    # MASTER_PORT, which child processes (Ray actors) would inherit and collide on.
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    os.environ.setdefault("LOCAL_RANK", "0")
+    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False,
+                               init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+
+
+class TrainerEngine:
+    def __init__(self, model_dir: str | os.PathLike, trainer_cfg: TrainerConfig, seed: int = 0,
+                 device: str = "cpu", num_threads: int | None = None, total_steps: int | None = None):
+        """total_steps: optimizer steps of the whole run (needed by the cosine schedule only)."""
+        if device not in ("cpu", "cuda"):
+            raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
+        if device == "cpu":
+            os.environ.setdefault("DS_ACCELERATOR", "cpu")  # read by DeepSpeed on first use
+        if num_threads:
+            torch.set_num_threads(num_threads)
+        torch.manual_seed(seed)
+        self.cfg, self.model_dir = trainer_cfg, Path(model_dir)
+        init_distributed(device)
+        import deepspeed
+        import torch.distributed as dist
+
+        if device == "cuda":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
+        # fp32 master weights; DeepSpeed casts the module to bf16 itself when configured.
+        self.model = load_checkpoint(model_dir, dtype=torch.float32)
+        self.moe_layers = [layer.layer_idx for layer in self.model.model.layers if layer.is_moe]
+        self.policy = FlatPolicy(self.model)
+        if trainer_cfg.zero_stage == 3:
+            self._prepare_zero3(deepspeed)
+        factor = lr_factor(trainer_cfg, total_steps)
+        self.engine, _, _, self.scheduler = deepspeed.initialize(
+            model=self.policy, model_parameters=[p for p in self.policy.parameters() if p.requires_grad],
+            config=build_ds_config(trainer_cfg, self.world_size),
+            lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, factor))
+        self.device = self.engine.device
+        self.reference = None
+        if trainer_cfg.kl_coef > 0:  # frozen copy of the starting weights, never sharded
+            ref = load_checkpoint(model_dir, dtype=torch.bfloat16 if trainer_cfg.bf16 else torch.float32)
+            self.reference = FlatPolicy(ref.to(self.device).requires_grad_(False)).eval()
+        self.version = 0      # weight version: +1 per train_step / sft_step
+        self.optimizer_steps = 0
+
+    def _prepare_zero3(self, deepspeed) -> None:
+        """ZeRO-3 gathers a module's own parameters when its forward runs. A few are read by
+        their parent instead (the lightning output norm's weight, the router and the stacked
+        experts inside MoE, the lm_head in FlatPolicy): make those parents leaves (gathered
+        whole) and register the lm_head as an external parameter of FlatPolicy."""
+        from deepspeed.utils import set_z3_leaf_modules
+
+        from ring_rl.model.attention import LightningAttention
+        from ring_rl.model.mlp import MoE
+
+        set_z3_leaf_modules(self.model, [LightningAttention, MoE], raise_if_not_found=False)
+        deepspeed.zero.register_external_parameter(self.policy, self.model.lm_head.weight)
+
+    def _gathered(self, modify: bool = False):
+        """Full parameters on every rank for the duration (ZeRO-3); a no-op below stage 3."""
+        if self.cfg.zero_stage != 3:
+            return contextlib.nullcontext()
+        import deepspeed
+
+        return deepspeed.zero.GatheredParameters(list(self.model.parameters()), modifier_rank=0 if modify else None)
+
+    # -- logprobs -------------------------------------------------------------------------
+    def _pack(self, seqs, masks, idx, router_ids=None):
+        replay = [router_ids[i] for i in idx] if router_ids is not None else None
+        return pack([seqs[i] for i in idx], [masks[i] for i in idx], self.device, replay, self.moe_layers)
+
+    @torch.no_grad()
+    def compute_logprobs(self, rollout: RolloutBatch, temperature: float | None = None,
+                         replay_routing: bool = False):
+        """→ (logprobs, entropies, router_ids), one entry per sequence.
+
+        logprobs[i], entropies[i]: fp32 [R_i] on the CPU for response token t given the
+        prompt and tokens < t. router_ids[i]: the trainer's experts [num_moe_layers, P_i+R_i-1,
+        top_k] int16, layers sorted (the RolloutBatch layout; [L, 0, k] for an empty response).
+        With replay_routing the rollout's recorded experts are forced in every MoE layer."""
+        temperature = temperature or logprob_temperature(rollout.sampling)
+        if replay_routing and rollout.router_ids is None:
+            raise ValueError("replay_routing=True but the rollout batch has no router_ids")
+        seqs, masks = response_sequences(rollout.prompt_ids, rollout.response_ids)
+        n, k = len(rollout), self.model.config.num_experts_per_tok
+        logprobs = [torch.zeros(0) for _ in range(n)]
+        entropies = [torch.zeros(0) for _ in range(n)]
+        routers = [torch.zeros(len(self.moe_layers), 0, k, dtype=torch.int16) for _ in range(n)]
+        live = [i for i in range(n) if len(rollout.response_ids[i]) > 0]
+        for idx in micro_batches(live, self.cfg.micro_batch_size):
+            packed = self._pack(seqs, masks, idx, rollout.router_ids if replay_routing else None)
+            logp, ent, rids = score(self.engine, packed, temperature)
+            ids = stack_router_ids(rids, packed.seqlens.tolist())
+            for j, (lp, en) in enumerate(zip(packed.split(logp.float().cpu()), packed.split(ent.float().cpu()))):
+                logprobs[idx[j]], entropies[idx[j]] = lp, en
+                if ids[j] is not None:
+                    routers[idx[j]] = ids[j]
+        return logprobs, entropies, routers
+
+    # -- GRPO update ------------------------------------------------------------------------
+    def train_step(self, batch: TrainBatch, replay_routing: bool = False) -> dict[str, float]:
+        """ppo_epochs x num_minibatches optimizer steps over the batch's sequences."""
+        t0, cfg = time.perf_counter(), self.cfg
+        rollout = batch.rollout
+        temperature = logprob_temperature(rollout.sampling)
+        old = batch.old_logprobs
+        if old is None:  # the weights before this update are the old policy
+            old = self.compute_logprobs(rollout, temperature, replay_routing)[0]
+        _check_batch(batch, old)
+        seqs, masks = response_sequences(rollout.prompt_ids, rollout.response_ids)
+        n, parts = len(rollout), cfg.num_minibatches
+        bounds = [round(j * n / parts) for j in range(parts + 1)]
+        acc = _Stats()
+        for _ in range(cfg.ppo_epochs):
+            for lo, hi in zip(bounds, bounds[1:]):
+                live = [i for i in range(lo, hi) if len(rollout.response_ids[i]) > 0]
+                if live:
+                    self._minibatch_step(batch, seqs, masks, old, live, temperature, replay_routing, acc)
+        self.version += 1
+        elapsed = time.perf_counter() - t0
+        out = acc.result()
+        out.update({"time_s": elapsed, "tokens_per_s": acc.tokens / max(elapsed, 1e-9), "version": self.version})
+        return out
+
+    def _minibatch_step(self, batch, seqs, masks, old, live, temperature, replay, acc: "_Stats") -> None:
+        cfg, rollout = self.cfg, batch.rollout
+        lens = {i: len(rollout.response_ids[i]) for i in live}
+        # Denominator of the whole minibatch: token-mean over all its tokens, or the mean
+        # over its sequences (every live sequence has >= 1 token).
+        denom = sum(lens.values()) if cfg.loss_agg == "token" else len(live)
+        chunks = micro_batches(live, cfg.micro_batch_size)
+        for j, idx in enumerate(chunks):
+            self.engine.set_gradient_accumulation_boundary(j == len(chunks) - 1)
+            packed = self._pack(seqs, masks, idx, rollout.router_ids if replay else None)
+            logp, ent, _ = score(self.engine, packed, temperature)
+            logp2d = pad_sequence(packed.split(logp), batch_first=True)
+            mask = pad_sequence([torch.ones(lens[i], dtype=torch.bool) for i in idx], batch_first=True).to(logp.device)
+            old2d = pad_sequence([old[i].float() for i in idx], batch_first=True).to(logp.device)
+            weights = None
+            if batch.token_weights is not None:
+                weights = pad_sequence([batch.token_weights[i].float() for i in idx], batch_first=True).to(logp.device)
+            adv = batch.advantages[idx].float().to(logp.device)
+            loss, stats = policy_loss(logp2d, old2d, adv, mask, cfg.clip_low, cfg.clip_high, cfg.loss_agg, weights)
+            if self.reference is not None:
+                with torch.no_grad():
+                    ref_logp, _, _ = score(self.reference, packed, temperature, with_entropy=False)
+                ref2d = pad_sequence(packed.split(ref_logp), batch_first=True)
+                kl = masked_aggregate(kl_penalty(logp2d, ref2d, mask, cfg.kl_kind), mask, cfg.loss_agg)
+                loss = loss + cfg.kl_coef * kl
+                stats["kl_ref"] = kl.detach()
+            share = (sum(lens[i] for i in idx) if cfg.loss_agg == "token" else len(idx)) / denom
+            self.engine.backward(loss * share, scale_wrt_gas=False)
+            acc.add_micro(loss.detach() * share, stats, ent, sum(lens[i] for i in idx))
+        acc.add_step(*self._optimizer_step())
+
+    def _optimizer_step(self) -> tuple[float, float]:
+        """engine.step() at the boundary → (grad norm before clipping, lr used)."""
+        lr = float(self.engine.get_lr()[0])
+        own_norm = None
+        if self.cfg.zero_stage == 0 and not self.cfg.bf16:  # DeepSpeed does not report it here
+            grads = [p.grad.detach().float().norm() for p in self.model.parameters() if p.grad is not None]
+            own_norm = float(torch.stack(grads).norm()) if grads else 0.0
+        self.engine.step()
+        self.optimizer_steps += 1
+        norm = self.engine.get_global_grad_norm()
+        return (own_norm if norm is None else float(norm)), lr
+
+    # -- supervised warm-up -------------------------------------------------------------------
+    def sft_step(self, input_ids: list[list[int]], loss_mask: list[list[int]]) -> dict[str, float]:
+        """One optimizer step of mean cross-entropy over the tokens with loss_mask 1 (a
+        token's loss is read from the previous position's logits; position 0 must be 0)."""
+        t0 = time.perf_counter()
+        seqs = [torch.tensor(s, dtype=torch.long) for s in input_ids]
+        masks = [torch.tensor(m, dtype=torch.bool) for m in loss_mask]
+        counts = [int(m[1:].sum()) for m in masks]
+        live = [i for i, c in enumerate(counts) if c > 0]
+        if not live:
+            raise ValueError("sft_step: no token has loss_mask 1")
+        total = sum(counts)
+        chunks = micro_batches(live, self.cfg.micro_batch_size)
+        loss_sum = 0.0
+        for j, idx in enumerate(chunks):
+            self.engine.set_gradient_accumulation_boundary(j == len(chunks) - 1)
+            logp, _, _ = score(self.engine, self._pack(seqs, masks, idx), 1.0, with_entropy=False)
+            loss = -logp.sum() / total
+            self.engine.backward(loss, scale_wrt_gas=False)
+            loss_sum += float(loss.detach())
+        grad_norm, lr = self._optimizer_step()
+        self.version += 1
+        elapsed = time.perf_counter() - t0
+        return {"loss": loss_sum, "grad_norm": grad_norm, "lr": lr, "tokens": total,
+                "tokens_per_s": total / max(elapsed, 1e-9), "time_s": elapsed}
+
+    # -- weights and checkpoints -------------------------------------------------------------
+    def weights_for_rollout(self) -> tuple[int, dict[str, torch.Tensor]]:
+        """(version, CPU copies of the model's state_dict) — full tensors even under ZeRO-3."""
+        with self._gathered():
+            state = {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
+        return self.version, state
+
+    def save_model(self, directory: str | os.PathLike) -> None:
+        """HF weights only (config.json + model.safetensors), e.g. the result of SFT."""
+        with self._gathered():
+            if self.rank == 0:
+                ckpt.write_weights(Path(directory), self.model)
+
+    def save(self, directory: str | os.PathLike) -> Path:
+        """Weights + optimizer + scheduler + counters into `directory`, atomically."""
+        import torch.distributed as dist
+
+        final = Path(directory)
+        staging = ckpt.staging_dir(final, self.optimizer_steps)
+        if self.rank == 0:
+            import shutil
+
+            shutil.rmtree(staging, ignore_errors=True)
+            staging.mkdir(parents=True)
+        dist.barrier()
+        with self._gathered():
+            if self.rank == 0:
+                ckpt.write_weights(staging, self.model)
+        payload = {"optimizer": ckpt.plain_state(self.engine.optimizer.state_dict()),
+                   "scheduler": ckpt.plain_state(self.scheduler.state_dict()),
+                   "version": self.version, "optimizer_steps": self.optimizer_steps}
+        ckpt.write_optimizer_file(staging, self.rank, payload)
+        dist.barrier()
+        if self.rank == 0:
+            ckpt.commit(staging, final, self._layout())
+        dist.barrier()
+        return final
+
+    def _layout(self) -> dict:
+        return {"version": self.version, "optimizer_steps": self.optimizer_steps, "zero_stage": self.cfg.zero_stage,
+                "world_size": self.world_size, "bf16": self.cfg.bf16}
+
+    def load(self, directory: str | os.PathLike) -> None:
+        """Restore a `save`d state; training then continues as if never stopped."""
+        directory = Path(directory)
+        state = ckpt.read_state(directory)
+        for key in ("zero_stage", "world_size", "bf16"):
+            if state[key] != self._layout()[key]:
+                raise CheckpointError(f"{directory / ckpt.STATE_FILE}: saved with {key}={state[key]!r}, "
+                                      f"this trainer has {key}={self._layout()[key]!r}")
+        payload = ckpt.read_optimizer_file(directory, self.rank)
+        with self._gathered(modify=True):
+            if self.rank == 0 or self.cfg.zero_stage != 3:
+                ckpt.load_weights_into(self.model, directory)
+        optimizer = self.engine.optimizer
+        merged = ckpt.merge_state(optimizer.state_dict(), payload["optimizer"])
+        if self.cfg.zero_stage > 0:
+            optimizer.load_state_dict([merged], load_optimizer_states=True, load_from_fp32_weights=True)
+        else:
+            optimizer.load_state_dict(merged)
+        self.scheduler.load_state_dict(payload["scheduler"])
+        self.version, self.optimizer_steps = int(payload["version"]), int(payload["optimizer_steps"])
+
+
+def _check_batch(batch: TrainBatch, old: list[torch.Tensor]) -> None:
+    """Per-token inputs must line up with the responses; say which one does not."""
+    lens = [len(r) for r in batch.rollout.response_ids]
+    if tuple(batch.advantages.shape) != (len(lens),):
+        raise ValueError(f"TrainBatch.advantages: shape {tuple(batch.advantages.shape)}, expected ({len(lens)},)")
+    for name, values in (("old_logprobs", old), ("token_weights", batch.token_weights)):
+        if values is None:
+            continue
+        if len(values) != len(lens):
+            raise ValueError(f"TrainBatch.{name}: {len(values)} sequences, the rollout has {len(lens)}")
+        for i, (v, n) in enumerate(zip(values, lens)):
+            if v.numel() != n:
+                raise ValueError(f"TrainBatch.{name}[{i}]: {v.numel()} values for a {n}-token response")
+
+
+class _Stats:
+    """Metrics of one train_step: token-weighted means of the per-micro-batch stats."""
+
+    def __init__(self):
+        self.tokens, self.loss, self.steps = 0, 0.0, 0
+        self.sums: dict[str, float] = {}
+        self.ratio_max, self.ratio_min = float("-inf"), float("inf")
+        self.grad_norms: list[float] = []
+        self.lr = 0.0
+
+    def add_micro(self, loss, stats: dict, entropy: torch.Tensor, tokens: int) -> None:
+        self.loss += float(loss)
+        self.tokens += tokens
+        self.ratio_max = max(self.ratio_max, float(stats.pop("ratio_max")))
+        self.ratio_min = min(self.ratio_min, float(stats.pop("ratio_min")))
+        stats["entropy"] = entropy.float().mean()
+        for k, v in stats.items():
+            self.sums[k] = self.sums.get(k, 0.0) + float(v) * tokens
+
+    def add_step(self, grad_norm: float, lr: float) -> None:
+        self.steps += 1
+        self.grad_norms.append(grad_norm)
+        self.lr = lr
+
+    def result(self) -> dict[str, float]:
+        out = {k: v / max(self.tokens, 1) for k, v in self.sums.items()}
+        out.update({
+            "loss": self.loss / max(self.steps, 1),  # mean over optimizer steps of the minibatch loss
+            "ratio_max": self.ratio_max if self.tokens else 1.0,
+            "ratio_min": self.ratio_min if self.tokens else 1.0,
+            "grad_norm": sum(self.grad_norms) / max(len(self.grad_norms), 1),
+            "grad_norm_max": max(self.grad_norms, default=0.0),
+            "lr": self.lr,
+            "optimizer_steps": self.steps,
+            "tokens": self.tokens,
+        })
+        return out

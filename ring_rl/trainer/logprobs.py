@@ -1,0 +1,135 @@
+"""Packing sequences into one flattened batch and reading per-target-token logprobs back.
+
+A sequence s (prompt + response, or an SFT example) with a target mask m feeds s[:-1] to the
+model: the logits at input position j predict token s[j+1], so token t is scored by the row
+t - 1. The last token is never fed (nothing reads what it would predict), which makes the
+input exactly the P + R - 1 positions whose experts the rollout recorded.
+
+Sequences are packed back to back with cu_seqlens (no padding); only the rows that predict a
+target token go through the lm_head (see `FlatPolicy`), so prompt positions cost no [V] row.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ring_rl.model.cache import SeqBatch
+from ring_rl.model.modeling import RingLinearForCausalLM
+from ring_rl.model.sampling import entropy_from_logits, token_logprobs
+from ring_rl.types import SamplingParams
+
+
+def logprob_temperature(sampling: SamplingParams) -> float:
+    """The temperature rollout logprobs were taken at (greedy rollouts report T = 1)."""
+    return sampling.temperature if sampling.temperature > 0 else 1.0
+
+
+@dataclass
+class PackedBatch:
+    input_ids: torch.Tensor                       # [N] the sequences minus their last token
+    seqlens: torch.Tensor                         # [B] input length of each packed sequence
+    rows: torch.Tensor                            # [M] input rows whose logits predict a target
+    targets: torch.Tensor                         # [M] the target tokens, sequence by sequence
+    num_targets: list[int]                        # targets per sequence (splits [M])
+    replay_ids: dict[int, torch.Tensor] | None    # MoE layer -> experts [N, top_k] to replay
+
+    def split(self, values: torch.Tensor) -> list[torch.Tensor]:
+        """[M] per-target values → one tensor per packed sequence."""
+        return list(torch.split(values, self.num_targets))
+
+
+def pack(sequences: list[torch.Tensor], target_masks: list[torch.Tensor], device: torch.device | str,
+         replay: list[torch.Tensor] | None = None, moe_layers: list[int] | None = None) -> PackedBatch:
+    """sequences[i] [L_i] token ids (L_i >= 2), target_masks[i] [L_i] bool (position 0 is never a
+    target). replay[i] [num_moe_layers, L_i - 1, top_k]: experts to force, layers in the order
+    of `moe_layers` (sorted MoE layer indices)."""
+    ids, seqlens, rows, targets, counts = [], [], [], [], []
+    offset = 0
+    for i, (seq, mask) in enumerate(zip(sequences, target_masks)):
+        if seq.numel() < 2 or seq.shape != mask.shape:
+            raise ValueError(f"sequence {i}: need >= 2 tokens and a mask of the same length, "
+                             f"got {tuple(seq.shape)} tokens and mask {tuple(mask.shape)}")
+        mask = mask.bool()
+        if mask[0]:
+            raise ValueError(f"sequence {i}: its first token cannot be a target (nothing predicts it)")
+        pos = torch.nonzero(mask[1:]).squeeze(-1)  # input rows whose next token is a target
+        ids.append(seq[:-1])
+        seqlens.append(seq.numel() - 1)
+        rows.append(pos + offset)
+        targets.append(seq[1:][pos])
+        counts.append(pos.numel())
+        offset += seq.numel() - 1
+    replay_ids = None
+    if replay is not None:
+        for i, (r, n) in enumerate(zip(replay, seqlens)):
+            if r is None or r.dim() != 3 or r.shape[0] != len(moe_layers) or r.shape[1] != n:
+                shape = None if r is None else tuple(r.shape)
+                raise ValueError(f"router_ids[{i}]: expected [{len(moe_layers)}, {n}, top_k] "
+                                 f"(MoE layers x input positions), got {shape}")
+        stacked = torch.cat(replay, dim=1).to(device=device, dtype=torch.long)  # [L, N, k]
+        replay_ids = {layer: stacked[j] for j, layer in enumerate(moe_layers)}
+    return PackedBatch(
+        input_ids=torch.cat(ids).to(device=device, dtype=torch.long),
+        seqlens=torch.tensor(seqlens, dtype=torch.long, device=device),
+        rows=torch.cat(rows).to(device),
+        targets=torch.cat(targets).to(device=device, dtype=torch.long),
+        num_targets=counts,
+        replay_ids=replay_ids,
+    )
+
+
+def response_sequences(prompts: list[torch.Tensor], responses: list[torch.Tensor]):
+    """prompt + response ids and their target masks (the response tokens)."""
+    seqs = [torch.cat([p.long(), r.long()]) for p, r in zip(prompts, responses)]
+    masks = [torch.cat([torch.zeros(len(p), dtype=torch.bool), torch.ones(len(r), dtype=torch.bool)])
+             for p, r in zip(prompts, responses)]
+    return seqs, masks
+
+
+class FlatPolicy(nn.Module):
+    """The module DeepSpeed wraps: the model's flat forward, with the lm_head applied only
+    to `rows`.
+
+    It is RingLinearForCausalLM.forward_flat (same decoder, same `ops.lm_logits`) minus the
+    logits nobody reads: an [N, V] fp32 tensor would be the largest of the step. Going
+    through this module's __call__ also lets ZeRO-3 gather parameters with its hooks."""
+
+    def __init__(self, model: RingLinearForCausalLM):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor, seqlens: torch.Tensor, rows: torch.Tensor,
+                replay_ids: dict[int, torch.Tensor] | None = None):
+        """→ (fp32 logits [M, V] of the selected rows, router ids {moe_layer: [N, top_k]})."""
+        batch = SeqBatch.build(seqlens)
+        out = self.model.model.forward_flat(input_ids, batch, replay_ids)
+        logits = self.model.ops.lm_logits(out.hidden[rows], self.model.lm_head.weight)
+        return logits, out.router_ids
+
+
+def score(module: nn.Module, packed: PackedBatch, temperature: float, with_entropy: bool = True):
+    """Forward one packed batch → (fp32 logprobs [M], entropy [M] or None, router ids).
+
+    Entropy never carries a gradient (it is a metric here)."""
+    logits, router_ids = module(packed.input_ids, packed.seqlens, packed.rows, packed.replay_ids)
+    logp = token_logprobs(logits, packed.targets, temperature)
+    entropy = None
+    if with_entropy:
+        with torch.no_grad():
+            entropy = entropy_from_logits(logits.detach(), temperature)
+    return logp, entropy, router_ids
+
+
+def stack_router_ids(router_ids: dict[int, torch.Tensor], seqlens: list[int]) -> list[torch.Tensor]:
+    """{moe_layer: [N, k]} → per sequence [num_moe_layers, L_i, k] int16 (the RolloutBatch
+    layout, layers sorted), so router flips compare position by position."""
+    if not router_ids:
+        return [None] * len(seqlens)
+    stacked = torch.stack([router_ids[layer] for layer in sorted(router_ids)]).to(torch.int16).cpu()
+    return list(torch.split(stacked, seqlens, dim=1))
+
+
+def micro_batches(indices: list[int], size: int) -> list[list[int]]:
+    return [indices[i:i + size] for i in range(0, len(indices), size)]
