@@ -134,27 +134,65 @@ class SoftmaxAttention(nn.Module):
             q, k = self.query_layernorm(q), self.key_layernorm(k)
         q = self.ops.rotary(q, batch.positions, self.rotary_dim, self.rope_theta).to(dtype)
         k = self.ops.rotary(k, batch.positions, self.rotary_dim, self.rope_theta).to(dtype)
-        out = torch.empty(n, self.num_heads, d, dtype=dtype, device=x.device)
-        cu = batch.cu_seqlens.tolist()
-        cache = batch.cache
-        if cache is not None:
-            cache.reserve(int((batch.past_lens + torch.diff(batch.cu_seqlens).long()).max()))
-            k_cache, v_cache = cache.kv[self.layer_idx]
-        # One attention call per sequence: a sequence's result never depends on its batch.
-        for b in range(len(cu) - 1):
-            s, e = cu[b], cu[b + 1]
-            if e == s:
-                continue
-            qb = q[s:e].transpose(0, 1)  # [H, n_b, d]
-            if cache is None:
-                kb, vb, past = k[s:e].transpose(0, 1), v[s:e].transpose(0, 1), 0
-            else:
-                slot, past = int(batch.slots[b]), int(batch.past_lens[b])
-                k_cache[slot, :, past:past + e - s] = k[s:e].transpose(0, 1)
-                v_cache[slot, :, past:past + e - s] = v[s:e].transpose(0, 1)
-                kb, vb = k_cache[slot, :, :past + e - s], v_cache[slot, :, :past + e - s]
-            out[s:e] = _causal_attention(qb, kb, vb, past).transpose(0, 1)
+        if batch.cache is None:
+            out = _varlen_attention(q, k, v, batch)
+        elif batch.is_decode:
+            out = _decode_attention(q, k, v, batch, self.layer_idx)
+        else:
+            out = _cached_prefill_attention(q, k, v, batch, self.layer_idx)
         return self.dense(out.reshape(n, self.num_heads * d))
+
+
+def _varlen_attention(q, k, v, batch: SeqBatch) -> torch.Tensor:
+    """Causal attention of packed sequences in one call: pad to [B, T_max], mask keys that
+    lie ahead or beyond a sequence's end, unpad. q [N, H, d], k/v [N, Hkv, d]."""
+    seq, pos = batch.token_coords()
+    nseq, tmax = batch.num_seqs, batch.max_new
+
+    def pad(t: torch.Tensor) -> torch.Tensor:
+        out = t.new_zeros(nseq, tmax, *t.shape[1:])
+        out[seq, pos] = t
+        return out.transpose(1, 2)  # [B, heads, T, d]
+
+    lens = torch.diff(batch.cu_seqlens).to(q.device)
+    ar = torch.arange(tmax, device=q.device)
+    allowed = (ar[None, :] <= ar[:, None])[None] & (ar[None, None, :] < lens[:, None, None])
+    o = F.scaled_dot_product_attention(pad(q), pad(k), pad(v), attn_mask=allowed[:, None], enable_gqa=True)
+    return o.transpose(1, 2)[seq, pos]
+
+
+def _decode_attention(q, k, v, batch: SeqBatch, layer_idx: int) -> torch.Tensor:
+    """One new token per sequence: append it to each slot's KV, attend over the slot."""
+    cache, slots, past = batch.cache, batch.slots, batch.past_lens
+    cache.reserve(int(past.max()) + 1)
+    k_cache, v_cache = cache.kv[layer_idx]
+    k_cache[slots, :, past] = k
+    v_cache[slots, :, past] = v
+    length = int(past.max()) + 1
+    keys, values = k_cache[slots, :, :length], v_cache[slots, :, :length]
+    allowed = torch.arange(length, device=q.device)[None, :] <= past[:, None]  # [B, L]
+    o = F.scaled_dot_product_attention(q[:, :, None], keys, values, attn_mask=allowed[:, None, None],
+                                       enable_gqa=True)
+    return o[:, :, 0]
+
+
+def _cached_prefill_attention(q, k, v, batch: SeqBatch, layer_idx: int) -> torch.Tensor:
+    """Several new tokens per sequence on top of cached ones (chunked prefill): per sequence."""
+    cache = batch.cache
+    out = torch.empty_like(q)
+    cu = batch.cu_seqlens.tolist()
+    cache.reserve(int((batch.past_lens + torch.diff(batch.cu_seqlens).long()).max()))
+    k_cache, v_cache = cache.kv[layer_idx]
+    for b in range(len(cu) - 1):
+        s, e = cu[b], cu[b + 1]
+        if e == s:
+            continue
+        slot, past = int(batch.slots[b]), int(batch.past_lens[b])
+        k_cache[slot, :, past:past + e - s] = k[s:e].transpose(0, 1)
+        v_cache[slot, :, past:past + e - s] = v[s:e].transpose(0, 1)
+        kb, vb = k_cache[slot, :, :past + e - s], v_cache[slot, :, :past + e - s]
+        out[s:e] = _causal_attention(q[s:e].transpose(0, 1), kb, vb, past).transpose(0, 1)
+    return out
 
 
 def _causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past: int) -> torch.Tensor:

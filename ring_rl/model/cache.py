@@ -97,6 +97,12 @@ class SeqBatch:
         """Every sequence adds exactly one token to a cache (the recurrent-step path)."""
         return self.cache is not None and self.max_new == 1 and self.positions.numel() == self.num_seqs
 
+    def token_coords(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(sequence index, index within the new tokens) of every flattened token."""
+        lens = torch.diff(self.cu_seqlens).long()
+        seq = torch.repeat_interleave(torch.arange(lens.numel(), device=lens.device), lens)
+        return seq, torch.arange(seq.numel(), device=lens.device) - self.cu_seqlens[:-1].long()[seq]
+
     @staticmethod
     def build(seqlens: torch.Tensor, cache: RingCache | None = None, slots: torch.Tensor | None = None) -> "SeqBatch":
         device = seqlens.device
