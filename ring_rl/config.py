@@ -66,6 +66,7 @@ class RewardConfig(_Section):
     timeout_s: float = Field(5.0, gt=0, description="hard wall-clock limit per answer for the math_verify path")
     max_answer_chars: int = Field(256, ge=1, description="longer extracted answers score 0 without parsing")
     format_reward: float = Field(0.0, description="added when the answer is boxed or the response is a bare number")
+    numeric_fast_path: bool = Field(False, description="compare two plain numbers exactly in-process instead of through math_verify (faster, same verdicts on plain numbers)")
 
 
 class RolloutConfig(_Section):

@@ -4,6 +4,7 @@ The driver owns the loop, the data order, the metrics and the checkpoints; the a
 the model copies. Read top to bottom, this file is one GRPO run."""
 from __future__ import annotations
 
+import json
 import logging
 import time
 from dataclasses import dataclass
@@ -18,7 +19,7 @@ from ring_rl.config import RunConfig, save_config
 from ring_rl.rl.data import PromptBatch, PromptStream, load_prompts, tokenize_prompts
 from ring_rl.rl.evaluate import evaluate
 from ring_rl.rl.grpo import group_advantages
-from ring_rl.rl.metrics import MetricsLogger
+from ring_rl.rl.metrics import MetricsLogger, truncate_jsonl
 from ring_rl.rl.reward import RewardFn
 from ring_rl.rl.run_state import CheckpointDirs
 from ring_rl.rl.workers import Workers
@@ -52,6 +53,7 @@ def train(cfg: RunConfig, model_dir: str | Path, tokenizer) -> RunResult:
         start_step, acc_before = state["step"], state.get("accuracy_before")
         stream.load_state_dict(state["stream"])
         metrics.truncate_after(start_step)
+        truncate_jsonl(run_dir / "samples.jsonl", start_step)
         log.info("resuming from %s (step %d)", resume_from, start_step)
     workers = Workers(cfg, model_dir, trainer_state=resume_from / "trainer" if resume_from else None)
     try:
@@ -62,7 +64,9 @@ def train(cfg: RunConfig, model_dir: str | Path, tokenizer) -> RunResult:
                    desc="GRPO", unit="step", dynamic_ncols=True)
         row = {}
         for step in bar:
-            row = grpo_step(cfg, step, stream.next_batch(), workers, tokenizer, reward_fn)
+            row, samples = grpo_step(cfg, step, stream.next_batch(), workers, tokenizer, reward_fn)
+            row["data/epoch"], row["data/index"] = stream.position.epoch, stream.position.index
+            write_samples(run_dir, step, samples)
             if test_data is not None and (step % cfg.run.eval_every == 0 or step == cfg.run.steps):
                 row.update(evaluate(workers, test_data, tokenizer, reward_fn, cfg))
             metrics.log(step, row)
@@ -85,7 +89,7 @@ def grpo_step(cfg: RunConfig, step: int, prompts: PromptBatch, workers: Workers,
     params = SamplingParams(cfg.rollout.temperature, cfg.rollout.top_p, cfg.rollout.top_k,
                             cfg.rollout.max_new_tokens, cfg.rollout.seed)
     # Seeds per (step, sequence): the same step samples the same tokens after a resume.
-    seeds = [hash((cfg.rollout.seed, step, i)) & 0x7FFFFFFF for i in range(len(seq_prompts))]
+    seeds = [((cfg.rollout.seed * 1_000_003 + step) * 100_003 + i) % 2**31 for i in range(len(seq_prompts))]
     rollout = workers.generate(seq_prompts, params, seeds, prompts.sequence_group_ids())
     t_rollout = time.perf_counter()
 
@@ -104,6 +108,9 @@ def grpo_step(cfg: RunConfig, step: int, prompts: PromptBatch, workers: Workers,
     t_sync = time.perf_counter()
 
     n_tokens = rollout.num_response_tokens
+    answers = prompts.sequence_answers()
+    samples = [{"prompt": tokenizer.decode(rollout.prompt_ids[i].tolist()), "response": texts[i],
+                "gold": answers[i], "reward": rewards[i].item()} for i in range(min(G, len(texts)))]
     return {
         "reward/mean": rewards.mean().item(),
         "reward/std": rewards.std().item() if len(rewards) > 1 else 0.0,
@@ -120,7 +127,14 @@ def grpo_step(cfg: RunConfig, step: int, prompts: PromptBatch, workers: Workers,
         "perf/train_s": t_train - t_reward,
         "perf/sync_s": t_sync - t_train,
         "perf/step_s": t_sync - t0,
-    }
+    }, samples
+
+
+def write_samples(run_dir: Path, step: int, samples: list[dict]) -> None:
+    """One group of responses per step, for a person to read next to the curves."""
+    with open(run_dir / "samples.jsonl", "a") as f:
+        for sample in samples:
+            f.write(json.dumps({"step": step, **sample}) + "\n")
 
 
 def save_checkpoint(ckpts: CheckpointDirs, workers: Workers, step: int, stream: PromptStream,

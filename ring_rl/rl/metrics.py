@@ -19,15 +19,7 @@ class MetricsLogger:
             self.tb = SummaryWriter(str(Path(run_dir) / "tensorboard"))
 
     def truncate_after(self, step: int) -> int:
-        """Drop lines of steps > `step` (a resumed run redoes them); returns lines kept."""
-        if not self.path.exists():
-            return 0
-        kept = [line for line in self.path.read_text().splitlines()
-                if line.strip() and json.loads(line).get("step", 0) <= step]
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text("".join(line + "\n" for line in kept))
-        os.replace(tmp, self.path)
-        return len(kept)
+        return truncate_jsonl(self.path, step)
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
         row = {"step": step, **{k: _plain(v) for k, v in metrics.items()}}
@@ -44,6 +36,18 @@ class MetricsLogger:
     def close(self) -> None:
         if self.tb is not None:
             self.tb.close()
+
+
+def truncate_jsonl(path: Path, step: int) -> int:
+    """Drop lines of steps > `step` (a resumed run redoes them); returns lines kept."""
+    if not path.exists():
+        return 0
+    kept = [line for line in path.read_text().splitlines()
+            if line.strip() and json.loads(line).get("step", 0) <= step]
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(line + "\n" for line in kept))
+    os.replace(tmp, path)
+    return len(kept)
 
 
 def read_metrics(run_dir: str | os.PathLike) -> list[dict]:

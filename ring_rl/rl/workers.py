@@ -28,7 +28,8 @@ class Workers:
         t_cpus, t_gpus = cfg.ray.trainer_cpus_per_worker, cfg.ray.trainer_gpus_per_worker
         device = "cuda" if t_gpus else "cpu"
         self.trainer = TrainerActor.options(**placed(self.pg, trainer_idx[0], t_cpus, t_gpus)).remote(
-            str(model_dir), cfg.trainer, cfg.run.seed, device, int(max(t_cpus, 1)))
+            str(model_dir), cfg.trainer, cfg.run.seed, device, int(max(t_cpus, 1)),
+            cfg.run.steps * cfg.trainer.ppo_epochs * cfg.trainer.num_minibatches)
         if trainer_state is not None:
             self._get(self.trainer.load.remote(str(trainer_state)))
         r_cpus, r_gpus = cfg.rollout.cpus_per_actor, cfg.rollout.gpus_per_actor
@@ -66,12 +67,11 @@ class Workers:
         )
 
     def trainer_logprobs(self, rollout: RolloutBatch, replay: bool = False) -> list[torch.Tensor]:
-        temperature = rollout.sampling.temperature if rollout.sampling.temperature > 0 else 1.0
-        out = self._get(self.trainer.compute_logprobs.remote(rollout, temperature, replay))
+        out = self._get(self.trainer.compute_logprobs.remote(rollout, None, replay))
         return out[0]
 
     def train(self, batch: TrainBatch) -> dict:
-        return self._get(self.trainer.train_step.remote(batch))
+        return self._get(self.trainer.train_step.remote(batch, self.cfg.alignment.routing_replay))
 
     def sync_weights(self) -> int:
         """Trainer → object store (once) → every rollout worker; returns the new version."""

@@ -47,6 +47,10 @@ def init_distributed(device: str) -> None:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     os.environ.setdefault("LOCAL_RANK", "0")
+    if device == "cpu":
+        # DeepSpeed JIT-compiles a shared-memory all-reduce op for CPU groups (2+ minutes on a
+        # fresh machine); a one-process group never communicates, so mark it unavailable.
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False,
                                init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
 
