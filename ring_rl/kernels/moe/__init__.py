@@ -16,7 +16,9 @@ plain-PyTorch reference on CPU tensors. The Triton path:
   backward (`triton_router.py`); the weights are the same bits as the reference's (same fp32
   operations, same order), their gradient equal to fp32 rounding.
 - moe_experts: stable sort of the slots by expert, then grouped Triton GEMMs with gathered
-  rows and fused SwiGLU / weighting epilogues, and a gather-combine (`triton_experts.py`).
+  rows and a fused SwiGLU epilogue, and a per-token gather-combine (`triton_experts.py`,
+  backward in `triton_experts_bwd.py`). torch._grouped_mm is not used: with the permuted copy
+  of x it needs, it is slower than our gather-in-the-load kernel (benchmarks/results/moe.md).
   No float atomics anywhere: every output element is written by one program, weight
   gradients are per-expert GEMMs over that expert's rows, and the per-token sums run in a
   fixed order -- so results are bitwise reproducible.

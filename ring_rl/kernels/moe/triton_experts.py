@@ -225,9 +225,10 @@ def gate_up(x, w_gate_up, plan: ExpertPlan, cfg=None):
     h = torch.empty(plan.num_rows, inter, device=x.device, dtype=x.dtype)
     te, tr = plan.tiles(bm)
     grid = (te.numel() * triton.cdiv(inter, bn),)
-    LAUNCHED["gate_up"] = _gate_up_kernel[grid](x, w_gate_up, gu, h, plan.tokens, te, tr, plan.offsets, hid, inter, e,
-                          BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, EVEN_K=hid % bk == 0,
-                          PREC=_prec(x), num_warps=warps, num_stages=stages)
+    LAUNCHED["gate_up"] = _gate_up_kernel[grid](
+        x, w_gate_up, gu, h, plan.tokens, te, tr, plan.offsets, hid, inter, e, BLOCK_M=bm,
+        BLOCK_N=bn, BLOCK_K=bk, EVEN_K=hid % bk == 0, PREC=_prec(x), num_warps=warps,
+        num_stages=stages)
     return gu, h
 
 
