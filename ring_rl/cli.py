@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 
 def _model_info(args) -> int:
@@ -108,6 +109,15 @@ def _eval(args) -> int:
     return 0
 
 
+def _report(args) -> int:
+    from ring_rl.alignment_checks.report import write_report
+
+    if not (Path(args.run_dir) / "metrics.jsonl").exists():
+        raise FileNotFoundError(f"{args.run_dir}: no metrics.jsonl (not a run directory)")
+    print(f"wrote {write_report(args.run_dir)}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ring-rl", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -130,6 +140,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--config", help="run config for data format, template and reward (optional)")
     s.add_argument("overrides", nargs="*")
     s.set_defaults(fn=_eval)
+
+    s = sub.add_parser("report", help="write RUN_DIR/report.html (mismatch, gate, rewards, samples)")
+    s.add_argument("run_dir")
+    s.set_defaults(fn=_report)
 
     s = sub.add_parser("model-info", help="parameter counts, layer schedule and memory of a config")
     s.add_argument("config", help="preset name, config.json or checkpoint directory")

@@ -106,7 +106,7 @@ class TrainerConfig(_Section):
 
 
 class GateRule(_Section):
-    metric: str = Field("k3_mean", min_length=1, description="alignment metric name, as alignment_checks reports it")
+    metric: str = Field("k3", min_length=1, description="alignment metric name, as alignment_checks reports it")
     op: Literal[">", "<"] = Field(">", description="the rule fires when `metric op threshold`")
     threshold: float = Field(0.01, description="the value compared against")
     action: Literal["warn", "skip", "abort"] = Field("warn", description="what happens when it fires")

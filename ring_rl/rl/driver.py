@@ -14,7 +14,10 @@ import ray
 import torch
 from tqdm import tqdm
 
-from ring_rl.alignment_checks.metrics import logprob_mismatch
+from ring_rl.alignment_checks.gate import check_gate, known_metric_names, validate_rules
+from ring_rl.alignment_checks.metrics import logprob_mismatch, router_flip_rate
+from ring_rl.alignment_checks.policies import apply_policy
+from ring_rl.alignment_checks.report import save_token_arrays, save_worst_tokens, write_report
 from ring_rl.config import RunConfig, save_config
 from ring_rl.rl.data import PromptBatch, PromptStream, load_prompts, tokenize_prompts
 from ring_rl.rl.evaluate import evaluate
@@ -46,6 +49,9 @@ def train(cfg: RunConfig, model_dir: str | Path, tokenizer) -> RunResult:
     test_data = load_prompts(cfg.data, "test", tokenizer).dataset if cfg.run.eval_every else None
     stream = PromptStream(train_data, cfg.run.prompts_per_step, cfg.run.seed, cfg.rollout.group_size)
     reward_fn = RewardFn(cfg.reward)
+    moe_layers = moe_layer_indices(model_dir)
+    validate_rules(cfg.alignment.gate, known_metric_names(
+        [f"router/flip_layer_{i}" for i in moe_layers] + ["router/flip_mean"]))
 
     start_step, resume_from, acc_before = 0, _resume_point(cfg, ckpts), None
     if resume_from is not None:
@@ -64,24 +70,55 @@ def train(cfg: RunConfig, model_dir: str | Path, tokenizer) -> RunResult:
                    desc="GRPO", unit="step", dynamic_ncols=True)
         row = {}
         for step in bar:
-            row, samples = grpo_step(cfg, step, stream.next_batch(), workers, tokenizer, reward_fn)
+            row, samples = grpo_step(cfg, step, stream.next_batch(), workers, tokenizer, reward_fn,
+                                     run_dir, moe_layers)
             row["data/epoch"], row["data/index"] = stream.position.epoch, stream.position.index
             write_samples(run_dir, step, samples)
             if test_data is not None and (step % cfg.run.eval_every == 0 or step == cfg.run.steps):
                 row.update(evaluate(workers, test_data, tokenizer, reward_fn, cfg))
             metrics.log(step, row)
+            if row.get("gate/action") == "abort":
+                write_report(run_dir)
+                raise GateAbort(f"step {step}: alignment gate aborted the run ({row['gate/fired']}); "
+                                f"report: {run_dir / 'report.html'}")
             bar.set_postfix(reward=f"{row['reward/mean']:.3f}", tok_s=f"{row['perf/rollout_tokens_per_s']:.0f}")
             if (cfg.run.checkpoint_every and step % cfg.run.checkpoint_every == 0) or step == cfg.run.steps:
                 save_checkpoint(ckpts, workers, step, stream, acc_before)
         acc_after = row.get("eval/accuracy")
+        report = write_report(run_dir)
+        log.info("report: %s", report)
         return RunResult(cfg.run.steps, acc_before, acc_after, run_dir)
     finally:
         metrics.close()
         workers.shutdown()
 
 
+class GateAbort(RuntimeError):
+    """The alignment gate's `abort` rule fired (the report was written first)."""
+
+
+def moe_layer_indices(model_dir) -> list[int]:
+    from ring_rl.model.config import load_model_config
+
+    config = load_model_config(model_dir)
+    return [i for i in range(config.num_hidden_layers) if config.is_moe_layer(i)]
+
+
+def router_flips(rollout: RolloutBatch, trainer_ids: list, moe_layers: list[int]) -> dict[str, float]:
+    """Per MoE layer, the share of positions where the trainer picked another expert set
+    than the rollout engine recorded (both [layers, positions, k] per sequence)."""
+    pairs = [(r, t) for r, t in zip(rollout.router_ids or [], trainer_ids or [])
+             if r is not None and t is not None and r.shape[1] > 0]
+    if not pairs:
+        return {}
+    rates = router_flip_rate(torch.cat([r for r, _ in pairs], 1), torch.cat([t for _, t in pairs], 1))
+    out = {f"router/flip_layer_{i}": float(v) for i, v in zip(moe_layers, rates)}
+    out["router/flip_mean"] = float(rates.mean())
+    return out
+
+
 def grpo_step(cfg: RunConfig, step: int, prompts: PromptBatch, workers: Workers, tokenizer,
-              reward_fn: RewardFn) -> dict:
+              reward_fn: RewardFn, run_dir: Path, moe_layers: list[int]) -> tuple[dict, list[dict]]:
     t0 = time.perf_counter()
     G = cfg.rollout.group_size
     prompt_ids = tokenize_prompts(prompts.prompts, tokenizer)
@@ -98,13 +135,23 @@ def grpo_step(cfg: RunConfig, step: int, prompts: PromptBatch, workers: Workers,
     advantages, equal_groups = group_advantages(rewards, G, std_norm=cfg.trainer.adv_std_norm)
     t_reward = time.perf_counter()
 
-    trainer_lp = workers.trainer_logprobs(rollout, replay=cfg.alignment.routing_replay)
+    # Alignment: diff the engines' logprobs of the same tokens, correct, gate — then train.
+    trainer_lp, trainer_ids = workers.trainer_logprobs(rollout, replay=cfg.alignment.routing_replay)
     align = logprob_mismatch(rollout.logprobs, trainer_lp)
-    old = trainer_lp if cfg.alignment.policy != "none" else rollout.logprobs
-    batch = TrainBatch(rollout=rollout, rewards=rewards, advantages=advantages, old_logprobs=old)
-    train_stats = workers.train(batch)
+    align.update(router_flips(rollout, trainer_ids, moe_layers))
+    policy = apply_policy(cfg.alignment, rollout.logprobs, trainer_lp)
+    gate = check_gate(cfg.alignment.gate, {**align, **policy.metrics}) if align["align/tokens"] else None
+    save_token_arrays(run_dir, step, rollout.logprobs, trainer_lp)
+    save_worst_tokens(run_dir, step, rollout.logprobs, trainer_lp, rollout.prompt_ids, rollout.response_ids,
+                      tokenizer.decode)
+    t_align = time.perf_counter()
+    train_stats = {}
+    if gate is None or gate.action not in ("skip", "abort"):
+        batch = TrainBatch(rollout=rollout, rewards=rewards, advantages=advantages,
+                           old_logprobs=policy.old_logprobs, token_weights=policy.token_weights)
+        train_stats = workers.train(batch)
     t_train = time.perf_counter()
-    version = workers.sync_weights()
+    version = workers.sync_weights() if train_stats else workers.version
     t_sync = time.perf_counter()
 
     n_tokens = rollout.num_response_tokens
@@ -120,11 +167,14 @@ def grpo_step(cfg: RunConfig, step: int, prompts: PromptBatch, workers: Workers,
         "response/eos_frac": sum(f == "eos" for f in rollout.finish_reasons) / len(rollout),
         **{f"train/{k}": v for k, v in train_stats.items()},
         **align,
+        **policy.metrics,
+        **(gate.as_row() if gate is not None else {}),
         "weights/version": version,
         "perf/rollout_tokens_per_s": n_tokens / max(t_rollout - t0, 1e-9),
         "perf/rollout_s": t_rollout - t0,
         "perf/reward_s": t_reward - t_rollout,
-        "perf/train_s": t_train - t_reward,
+        "perf/align_s": t_align - t_reward,
+        "perf/train_s": t_train - t_align,
         "perf/sync_s": t_sync - t_train,
         "perf/step_s": t_sync - t0,
     }, samples

@@ -66,9 +66,10 @@ class Workers:
             router_ids=[x for p in parts for x in p.router_ids] if parts[0].router_ids is not None else None,
         )
 
-    def trainer_logprobs(self, rollout: RolloutBatch, replay: bool = False) -> list[torch.Tensor]:
-        out = self._get(self.trainer.compute_logprobs.remote(rollout, None, replay))
-        return out[0]
+    def trainer_logprobs(self, rollout: RolloutBatch, replay: bool = False):
+        """(per-sequence fp32 logprobs of the response tokens, per-sequence router ids)."""
+        logprobs, _entropy, router_ids = self._get(self.trainer.compute_logprobs.remote(rollout, None, replay))
+        return logprobs, router_ids
 
     def train(self, batch: TrainBatch) -> dict:
         return self._get(self.trainer.train_step.remote(batch, self.cfg.alignment.routing_replay))

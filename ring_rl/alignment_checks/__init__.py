@@ -1,0 +1,1 @@
+"""Rollout-vs-trainer alignment: mismatch metrics, correction policies, the gate, the report."""

@@ -1,0 +1,1 @@
+"""Rollout engines: the native engine (ring_rl.rollout.native) behind the RolloutWorker."""
