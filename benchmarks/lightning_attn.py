@@ -19,11 +19,9 @@ import argparse
 import warnings
 
 import torch
-import triton
 from triton.testing import do_bench
 
 from ring_rl.kernels.lightning_attn import lightning_attn, lightning_attn_decode, triton_chunk
-from ring_rl.kernels.lightning_attn import triton_decode
 from ring_rl.kernels.lightning_attn.triton_chunk_bwd import _dkdv
 
 H, D = 16, 128

@@ -7,7 +7,7 @@ per-token tensors are [B, T] with a {0,1} (or bool) mask of the response tokens 
 
 from __future__ import annotations
 
-from typing import Literal, NamedTuple
+from typing import NamedTuple
 
 import torch
 

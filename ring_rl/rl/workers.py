@@ -7,7 +7,6 @@ import logging
 from pathlib import Path
 
 import ray
-import torch
 
 from ring_rl.config import RunConfig
 from ring_rl.rl.placement import actor_groups, init_ray, placed

@@ -28,7 +28,7 @@ def lightning_attn_batched(q, k, v, log_decay, scale, initial_state, output_fina
         pos = torch.arange(seq.numel(), device=q.device) - cu_seqlens[:-1].long()[seq]
         tmax = int(lens.max()) if lens.numel() else 0
         qp, kp, vp = (_pad(x[0], seq, pos, lens.numel(), tmax) for x in (q, k, v))
-    nseq, tmax, nheads = qp.shape[0], qp.shape[1], qp.shape[2]
+    tmax = qp.shape[1]
     g = log_decay.float().to(q.device)
     t = torch.arange(tmax, device=q.device, dtype=torch.float32)
     dist = t[:, None] - t[None, :]                                   # t - s
