@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
-from transformers.modeling_outputs import CausalLMOutputWithPast
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
 from ring_rl.model.attention import LightningAttention, RMSNorm, SoftmaxAttention
 from ring_rl.model.cache import RingCache, SeqBatch
@@ -98,6 +98,17 @@ class RingLinearModel(RingLinearPreTrainedModel):
                 layer_outputs.append(x + residual)
         hidden, _ = self.norm(x, residual)
         return FlatOutput(hidden, router_ids, layer_outputs)
+
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                **kwargs) -> BaseModelOutputWithPast:
+        """Padded [B, T] → last_hidden_state [B, T, hidden] (zeros at padding), for callers
+        that use the HF backbone directly (e.g. TRL's fused lm-head loss)."""
+        valid = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+        flat = self.forward_flat(input_ids[valid], SeqBatch.build(valid.sum(1))).hidden
+        out = flat.new_zeros(*input_ids.shape, flat.shape[-1])
+        out[valid] = flat
+        return BaseModelOutputWithPast(last_hidden_state=out)
 
 
 class RingLinearForCausalLM(RingLinearPreTrainedModel, GenerationMixin):

@@ -74,12 +74,12 @@ class Workers:
         return self._get(self.trainer.train_step.remote(batch, self.cfg.alignment.routing_replay))
 
     def sync_weights(self) -> int:
-        """Trainer → object store (once) → every rollout worker; returns the new version."""
-        version, weights = self._get(self.trainer.weights_for_rollout.remote())
-        ref = ray.put(weights)
-        self._get([w.load_weights.remote(version, ref) for w in self.rollouts])
-        self.version = version
-        return version
+        """Trainer → object store → every rollout worker; returns the new version. The
+        trainer's result goes to the workers as an ObjectRef, never through the driver."""
+        payload = self.trainer.weights_for_rollout.remote()
+        versions = self._get([w.load_weights_payload.remote(payload) for w in self.rollouts])
+        self.version = versions[0]
+        return self.version
 
     def save_trainer(self, path: Path) -> None:
         self._get(self.trainer.save.remote(str(path)))

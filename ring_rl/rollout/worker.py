@@ -40,6 +40,10 @@ class RolloutWorker:
         self.engine.load_weights(state_dict, version)
         return version
 
+    def load_weights_payload(self, payload: tuple[int, dict[str, torch.Tensor]]) -> int:
+        """The trainer's `weights_for_rollout()` result as it is (version, state dict)."""
+        return self.load_weights(*payload)
+
     def weight_version(self) -> int:
         return self.engine.weight_version
 

@@ -21,7 +21,7 @@ def test_tiny_arith_yaml_loads():
     assert cfg.sft.init_preset == "tiny" and cfg.sft.enabled and cfg.data.builtin == "arith"
     assert cfg.rollout.group_size == 8 and cfg.rollout.engine == "native"
     assert cfg.trainer.zero_stage == 1 and cfg.alignment.policy == "recompute"
-    assert cfg.alignment.gate == [GateRule(metric="k3_mean", op=">", threshold=0.01, action="warn")]
+    assert cfg.alignment.gate == [GateRule(metric="k3", op=">", threshold=0.01, action="warn")]
     assert cfg.data.train_files == ["runs/data/arith/train.jsonl"]
     assert cfg.run.dir == "runs/tiny-arith"
 
@@ -30,7 +30,7 @@ def test_overrides_are_yaml_values():
     cfg = load_config(None, [
         "trainer.lr=1e-5", "trainer.zero_stage=3", "trainer.adv_std_norm=false",
         "data.train_files=[a.jsonl, b.parquet]", "ray.address=null", "ray.num_cpus=4",
-        'alignment.gate=[{metric: k3_mean, op: "<", threshold: 2, action: abort}]',
+        'alignment.gate=[{metric: k3, op: "<", threshold: 2, action: abort}]',
         "data.prompt_template=Q: {question} A:",  # text fields take the raw text, not YAML
     ])
     assert cfg.trainer.lr == 1e-5 and isinstance(cfg.trainer.lr, float)

@@ -141,10 +141,13 @@ def moe_experts_ref(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
     tokens = order // k
     bounds = offsets.tolist()
     outs = []
+    # unbind, not w[ex]: indexing per expert makes autograd zero-fill and add a full-size
+    # weight gradient for every expert (O(E^2) memory traffic); unbind's backward is one stack.
+    gate_ups, downs = w_gate_up.unbind(0), w_down.unbind(0)
     for ex in range(e):
         lo, hi = bounds[ex], bounds[ex + 1]
         if hi > lo:
-            outs.append(expert_mlp_ref(xf[tokens[lo:hi]], w_gate_up[ex], w_down[ex], x.dtype))
+            outs.append(expert_mlp_ref(xf[tokens[lo:hi]], gate_ups[ex], downs[ex], x.dtype))
     o_sorted = torch.cat(outs) if outs else x.new_zeros(0, h)
     inverse = torch.empty_like(order)
     inverse[order] = torch.arange(order.numel(), device=order.device)

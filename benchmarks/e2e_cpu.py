@@ -1,0 +1,328 @@
+"""CPU end-to-end benchmark: seconds per GRPO step, ring-rl against TRL's GRPOTrainer.
+
+    python benchmarks/e2e_cpu.py                     # 8 prompts x 8 samples x 6 tokens; TRL also at 32x8x4
+    python benchmarks/e2e_cpu.py --steps 5 --prompts 16 --group 8 --max-new-tokens 6 --peer-size both
+
+Both systems start from the same random-init `tiny` Ring-linear checkpoint (built into a
+temp dir), read the same synthetic arithmetic prompts and score with the same reward
+(`ring_rl.rl.reward.RewardFn` on configs/tiny-arith.yaml's `reward`, i.e. math_verify).
+One step = sample P prompts x G completions of at most T tokens at temperature 1, score
+them, one optimizer step over all P*G sequences as one micro-batch, weights ready for the
+next step's generation. Hyper-parameters that change no cost are matched too (lr, clip
+0.2/0.28, token-mean loss, group std-normalised advantages, no KL, grad clip 1).
+
+Each system runs in a subprocess of its own, one after the other, so they never share the
+cores: ring-rl through the `ring-rl train` CLI (Ray actors: native rollout + DeepSpeed
+trainer, one torch thread each) and TRL through this file with --trl-worker (one process,
+`--trl-threads` intra-op threads). The first step of each run is warm-up; the table shows
+the median of the others. "gen s" is the time spent generating inside a step (ring-rl:
+perf/rollout_s; TRL: its calls to model.generate). tokens/s = generated tokens of a step
+(end tokens included) / seconds of that step, median over steps.
+
+TRL 1.16 scores log-probs through `model.base_model(...).last_hidden_state` (its fused LM
+head): RingLinearModel.forward provides it (padded in, the flat maths, re-padded out).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import shlex
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG = ROOT / "configs" / "tiny-arith.yaml"
+PEER_SIZE = (32, 8, 4)  # TRL's peer figure in shared/docs/benchmarks.md
+
+
+# -- the common inputs -----------------------------------------------------------------------
+def build_inputs(work: Path, n_train: int) -> tuple[Path, dict[str, str]]:
+    from ring_rl.model.factory import build_random_checkpoint
+    from ring_rl.rl.arith import write_arith_dataset
+
+    ckpt = build_random_checkpoint("tiny", work / "ckpt", seed=0)
+    paths = write_arith_dataset(work / "data", n_train=n_train, n_test=8, seed=0)
+    return ckpt, paths
+
+
+def describe_model(ckpt: Path) -> str:
+    from ring_rl.model.config import load_model_config
+    from ring_rl.model.info import model_info
+
+    cfg = load_model_config(str(ckpt))
+    info = model_info(cfg)
+    return (f"random-init `tiny` Ring-linear, fp32, {info['total_params'] / 1e6:.2f}M parameters "
+            f"({info['activated_params'] / 1e6:.2f}M active): hidden {cfg.hidden_size}, "
+            f"{cfg.num_hidden_layers} layers, {cfg.num_experts} experts top-{cfg.num_experts_per_tok}")
+
+
+def tree_state() -> str:
+    """The commit and the uncommitted files of ring_rl/ and configs/ the numbers were taken on."""
+    def git(*a):  # not stripped: porcelain lines start with a status column that may be a space
+        return subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True, check=False).stdout
+    dirty = [line[3:] for line in git("status", "--porcelain", "--", "ring_rl", "configs").splitlines() if line]
+    return f"{git('rev-parse', '--short', 'HEAD').strip() or '?'}" + (f" + uncommitted {', '.join(dirty)}" if dirty else "")
+
+
+def load_avg() -> float:
+    return os.getloadavg()[0]
+
+
+# -- ring-rl: the CLI in a subprocess, steps read back from metrics.jsonl --------------------
+def run_ring_rl(work: Path, ckpt: Path, data: dict[str, str], size: tuple[int, int, int], steps: int) -> dict:
+    p, g, t = size
+    run_dir = work / f"ring-rl-{p}x{g}x{t}"
+    overrides = [
+        f"run.dir={run_dir}", f"model.name_or_path={ckpt}", "sft.enabled=false",
+        f"data.train_files=[{data['train']}]", f"data.test_files=[{data['test']}]",
+        f"run.steps={steps + 1}", "run.eval_every=0", "run.checkpoint_every=0",
+        f"run.prompts_per_step={p}", f"rollout.group_size={g}", f"rollout.max_new_tokens={t}",
+        "rollout.temperature=1.0", f"trainer.micro_batch_size={p * g}",
+    ]
+    cmd = [sys.executable, "-m", "ring_rl.cli", "train", "--config", str(CONFIG), *overrides]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    load, t0 = load_avg(), time.perf_counter()
+    with open(work / f"ring-rl-{p}x{g}x{t}.log", "w") as log:
+        proc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, timeout=900, check=False)
+    wall = time.perf_counter() - t0
+    if proc.returncode != 0:
+        raise RuntimeError(f"ring-rl train failed (rc {proc.returncode}):\n{Path(log.name).read_text()[-3000:]}")
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    steps_out = [{"s": r["perf/step_s"], "gen_s": r["perf/rollout_s"],
+                  "tokens": r["response/length_mean"] * p * g, "train_s": r["perf/train_s"],
+                  "sync_s": r["perf/sync_s"], "reward_s": r["perf/reward_s"],
+                  "update_s": r["train/time_s"]} for r in rows]
+    return {"system": "ring-rl", "threads": "1 per actor", "size": size, "steps": steps_out,
+            "wall_s": wall, "load": load}
+
+
+# -- TRL: GRPOTrainer in a subprocess (this file with --trl-worker) ---------------------------
+def run_trl(work: Path, ckpt: Path, data: dict[str, str], size: tuple[int, int, int], steps: int, threads: int) -> dict:
+    p, g, t = size
+    out = work / f"trl-{p}x{g}x{t}-{threads}t.json"
+    spec = {"ckpt": str(ckpt), "data": data["train"], "size": size, "steps": steps, "threads": threads,
+            "out": str(out), "work": str(work)}
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false",
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    load, t0 = load_avg(), time.perf_counter()
+    log_path = work / f"trl-{p}x{g}x{t}-{threads}t.log"
+    with open(log_path, "w") as log:
+        proc = subprocess.run([sys.executable, __file__, "--trl-worker", json.dumps(spec)], cwd=ROOT, env=env,
+                              stdout=log, stderr=subprocess.STDOUT, timeout=900, check=False)
+    wall = time.perf_counter() - t0
+    if proc.returncode != 0:
+        raise RuntimeError(f"TRL worker failed (rc {proc.returncode}):\n{log_path.read_text()[-3000:]}")
+    return {"system": "TRL 1.16 GRPOTrainer", "threads": str(threads), "size": size,
+            "steps": json.loads(out.read_text()), "wall_s": wall, "load": load}
+
+
+def trl_worker(spec: dict) -> None:
+    import torch
+
+    torch.set_num_threads(spec["threads"])
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, TrainerCallback
+    from trl import GRPOConfig, GRPOTrainer
+
+    import ring_rl.model  # noqa: F401  registers the Ring-linear auto classes
+    from ring_rl.config import load_config
+    from ring_rl.model.tokenizer import load_tokenizer
+    from ring_rl.rl.reward import RewardFn
+
+    cfg = load_config(str(CONFIG), [])
+    p, g, t = spec["size"]
+    rows = [json.loads(line) for line in Path(spec["data"]).read_text().splitlines() if line.strip()]
+    dataset = Dataset.from_list([{"prompt": r["prompt"], "answer": r["answer"]} for r in rows])
+    tokenizer = load_tokenizer(spec["ckpt"])
+    model = AutoModelForCausalLM.from_pretrained(spec["ckpt"])
+
+    current = {"tokens": 0, "gen_s": 0.0}
+    generate = model.generate
+
+    def timed_generate(*args, **kwargs):
+        t0 = time.perf_counter()
+        out = generate(*args, **kwargs)
+        current["gen_s"] += time.perf_counter() - t0
+        return out
+
+    model.generate = timed_generate
+    reward_fn = RewardFn(cfg.reward)
+
+    def reward(prompts, completions, completion_ids, answer, **_):
+        current["tokens"] += sum(len(ids) for ids in completion_ids)
+        return reward_fn.score(completions, answer)
+
+    tc = cfg.trainer
+    args = GRPOConfig(
+        output_dir=str(Path(spec["work"]) / "trl-out"), use_cpu=True, bf16=False, report_to="none",
+        max_steps=spec["steps"] + 1, logging_strategy="no", save_strategy="no", disable_tqdm=True,
+        gradient_checkpointing=False, seed=0, dataloader_num_workers=0,
+        num_generations=g, per_device_train_batch_size=p * g, gradient_accumulation_steps=1,
+        max_completion_length=t, temperature=1.0, top_p=1.0, top_k=0,
+        learning_rate=tc.lr, lr_scheduler_type="constant", weight_decay=tc.weight_decay,
+        max_grad_norm=tc.grad_clip, epsilon=tc.clip_low, epsilon_high=tc.clip_high,
+        beta=0.0, loss_type="dapo", scale_rewards="group" if tc.adv_std_norm else "none",
+    )
+    steps: list[dict] = []
+
+    class StepTimer(TrainerCallback):
+        def on_step_begin(self, *_, **__):
+            current.update(tokens=0, gen_s=0.0, t0=time.perf_counter())
+
+        def on_step_end(self, *_, **__):
+            steps.append({"s": time.perf_counter() - current["t0"], "gen_s": current["gen_s"],
+                          "tokens": current["tokens"]})
+
+    trainer = GRPOTrainer(model=model, reward_funcs=reward, args=args, train_dataset=dataset,
+                          processing_class=tokenizer, callbacks=[StepTimer()])
+    trainer.train()
+    reward_fn.close()
+    Path(spec["out"]).write_text(json.dumps(steps))
+
+
+# -- the table --------------------------------------------------------------------------------
+def summarise(result: dict) -> dict:
+    measured = result["steps"][1:] or result["steps"]  # step 1 is warm-up
+    s = [x["s"] for x in measured]
+    return {**result, "n": len(measured), "s_med": statistics.median(s), "s_min": min(s), "s_max": max(s),
+            "gen_med": statistics.median(x["gen_s"] for x in measured),
+            "tok_s": statistics.median(x["tokens"] / x["s"] for x in measured),
+            "tok_step": statistics.mean(x["tokens"] for x in measured)}
+
+
+def table(rows: list[dict]) -> str:
+    best_trl = {}
+    for r in rows:
+        if r["system"].startswith("TRL"):
+            best_trl[r["size"]] = min(best_trl.get(r["size"], float("inf")), r["s_med"])
+    lines = [("| system | prompts x group x tokens | torch threads | s/step (median) | min-max | gen s/step "
+              "| tokens/s | ratio to TRL | load at start |"),
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        base = best_trl.get(r["size"])
+        ratio = f"{r['s_med'] / base:.2f}x" if base else "-"
+        lines.append(f"| {r['system']} | {'x'.join(map(str, r['size']))} | {r['threads']} | {r['s_med']:.3f} "
+                     f"| {r['s_min']:.3f}-{r['s_max']:.3f} | {r['gen_med']:.3f} | {r['tok_s']:.0f} | {ratio} "
+                     f"| {r['load']:.2f} |")
+    return "\n".join(lines)
+
+
+def ring_breakdown(rows: list[dict]) -> list[str]:
+    out = []
+    for r in rows:
+        if r["system"] == "ring-rl":
+            m = r["steps"][1:] or r["steps"]
+            med = {k: statistics.median(x[k] for x in m)
+                   for k in ("gen_s", "reward_s", "train_s", "update_s", "sync_s")}
+            out.append(f"ring-rl {'x'.join(map(str, r['size']))} median split of a step (driver clock): rollout "
+                       f"{med['gen_s']:.3f} s, reward {med['reward_s']:.3f} s, train {med['train_s']:.3f} s "
+                       f"(of which the update inside the trainer actor {med['update_s']:.3f} s; the rest is the "
+                       f"log-prob recompute and Ray calls), weight sync {med['sync_s']:.3f} s")
+    return out
+
+
+def versions() -> str:
+    import importlib.metadata as md
+
+    return ", ".join(f"{n} {md.version(n)}" for n in ("torch", "transformers", "trl", "accelerate", "deepspeed", "ray"))
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--steps", type=int, default=3, help="measured steps per run (one warm-up step is added)")
+    ap.add_argument("--prompts", type=int, default=8, help="prompts per step")
+    ap.add_argument("--group", type=int, default=8, help="completions per prompt (G)")
+    ap.add_argument("--max-new-tokens", type=int, default=6, help="completion length limit")
+    ap.add_argument("--peer-size", choices=["trl", "both", "off"], default="trl",
+                    help=f"also run {'x'.join(map(str, PEER_SIZE))} (the peer figure's size): TRL only, both, or not")
+    ap.add_argument("--systems", default="ring-rl,trl", help="which systems to run (comma list)")
+    ap.add_argument("--trl-threads", default="1", help="comma list of torch threads for TRL runs, e.g. 1,2")
+    ap.add_argument("--out", default=str(ROOT / "benchmarks/results/e2e_cpu.md"), help="markdown file ('' = none)")
+    ap.add_argument("--trl-worker", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.trl_worker:
+        trl_worker(json.loads(args.trl_worker))
+        return 0
+
+    size = (args.prompts, args.group, args.max_new_tokens)
+    threads = [int(x) for x in args.trl_threads.split(",")]
+    uptime_before = subprocess.run(["uptime"], capture_output=True, text=True, check=False).stdout.strip()
+    t_start, tree = time.perf_counter(), tree_state()
+    results = []
+    with tempfile.TemporaryDirectory(prefix="e2e_cpu_") as tmp:
+        work = Path(tmp)
+        sizes = [size] + ([PEER_SIZE] if args.peer_size != "off" and PEER_SIZE != size else [])
+        n_train = max(p * (args.steps + 1) for p, _, _ in sizes) + 64
+        ckpt, data = build_inputs(work, n_train)
+        model_line = describe_model(ckpt)
+        for sz in sizes:
+            if "ring-rl" in args.systems and (sz == size or args.peer_size == "both"):
+                print(f"ring-rl {sz} ...", file=sys.stderr, flush=True)
+                results.append(summarise(run_ring_rl(work, ckpt, data, sz, args.steps)))
+            for k in threads if "trl" in args.systems else []:
+                print(f"TRL {sz} threads={k} ...", file=sys.stderr, flush=True)
+                results.append(summarise(run_trl(work, ckpt, data, sz, args.steps, k)))
+    uptime_after = subprocess.run(["uptime"], capture_output=True, text=True, check=False).stdout.strip()
+    total = time.perf_counter() - t_start
+
+    text = table(results)
+    print(text)
+    for r in results:
+        base = [x for x in results if x["size"] == r["size"] and x["system"].startswith("TRL")]
+        if r["system"] == "ring-rl" and base:
+            ratio = r["s_med"] / min(b["s_med"] for b in base)
+            print(f"ring-rl / TRL at {'x'.join(map(str, r['size']))}: {ratio:.2f}x step time "
+                  f"(target <= 0.5x: {'met' if ratio <= 0.5 else 'not met'})")
+    notes = ring_breakdown(results)
+    for n in notes:
+        print(n)
+    print("wall s per run (start-up included): " + ", ".join(
+        f"{r['system']} {'x'.join(map(str, r['size']))} {r['wall_s']:.0f}" for r in results), file=sys.stderr)
+    print(f"total {total:.0f} s; load before: {uptime_before}; after: {uptime_after}", file=sys.stderr)
+
+    if args.out:
+        cmd = "python benchmarks/e2e_cpu.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+        md = [
+            "# End-to-end GRPO step on CPU: ring-rl vs TRL GRPOTrainer",
+            "",
+            f"- date: {datetime.datetime.now().strftime('%Y-%m-%d %H:%M')}",
+            (f"- machine: 2-core CPU shared with other jobs ({platform.processor() or platform.machine()}); "
+             f"{versions()}"),
+            f"- tree: {tree}",
+            f"- command: `{cmd.strip()}` ({total:.0f} s in all, start-up of both systems included)",
+            f"- load (`uptime`) before: `{uptime_before}`; after: `{uptime_after}`",
+            f"- model: {model_line}; reward: math_verify",
+            f"- {args.steps} measured steps per run after 1 warm-up step",
+            "",
+            text,
+            "",
+            "Notes:",
+            "- ratio = s/step / the fastest TRL s/step at the same size.",
+            ("- ring-rl threads: Ray rollout actor and DeepSpeed trainer actor, one torch thread each; the "
+             "step also recomputes the trainer's log-probs of the rollout (alignment check), TRL with one "
+             "iteration per batch does not."),
+            ("- TRL threads: 1 by default. On this shared 2-core machine at load ~5, the same model's HF "
+             "generate and forward+backward ran ~10x slower with 2 intra-op threads than with 1 (OpenMP "
+             "threads spin while waiting for a core); `--trl-threads 1,2` times both."),
+            ("- TRL needs `model.base_model(input_ids, attention_mask).last_hidden_state` (its fused LM "
+             "head); RingLinearModel has no `forward`, so the TRL worker binds a padded one over "
+             "`forward_flat` (same maths)."),
+            ("- peer figure (shared/docs/benchmarks.md): TRL 1.16 on a 0.8M-parameter dense Llama at 32x8x4, "
+             "0.35-0.47 s/step; the model here is an MoE with reference CPU kernels, so TRL's own time at that "
+             "size is not comparable with it, only with ring-rl in the same run."),
+            *[f"- {n}" for n in notes],
+        ]
+        Path(args.out).write_text("\n".join(md) + "\n")
+        print(f"wrote {args.out}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
