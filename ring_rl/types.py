@@ -35,9 +35,37 @@ class RolloutBatch:
     sampling: SamplingParams
     group_ids: list[int] = field(default_factory=list)
     router_ids: list[torch.Tensor] | None = None
+    # How the engine decomposed the work, for exact-mode replay: the sequence indices of
+    # each engine call (one packed prefill + decode steps), and its prefill chunk (0 = whole).
+    schedule: list[list[int]] | None = None
+    prefill_chunk: int = 0
 
     def __len__(self) -> int:
         return len(self.response_ids)
+
+    @classmethod
+    def concat(cls, parts: list["RolloutBatch"]) -> "RolloutBatch":
+        """Sequences of several engine calls, in order; each call stays one schedule entry."""
+        if not parts:
+            raise ValueError("RolloutBatch.concat: nothing to concatenate")
+        schedule, offset = [], 0
+        for p in parts:
+            for call in p.schedule or [list(range(len(p)))]:
+                schedule.append([offset + i for i in call])
+            offset += len(p)
+        first = parts[0]
+        return cls(
+            prompt_ids=[x for p in parts for x in p.prompt_ids],
+            response_ids=[x for p in parts for x in p.response_ids],
+            logprobs=[x for p in parts for x in p.logprobs],
+            finish_reasons=[x for p in parts for x in p.finish_reasons],
+            weight_version=first.weight_version,
+            sampling=first.sampling,
+            group_ids=[x for p in parts for x in p.group_ids],
+            router_ids=[x for p in parts for x in p.router_ids] if first.router_ids is not None else None,
+            schedule=schedule,
+            prefill_chunk=first.prefill_chunk,
+        )
 
     @property
     def num_response_tokens(self) -> int:

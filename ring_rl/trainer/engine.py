@@ -121,13 +121,17 @@ class TrainerEngine:
 
     @torch.no_grad()
     def compute_logprobs(self, rollout: RolloutBatch, temperature: float | None = None,
-                         replay_routing: bool = False):
+                         replay_routing: bool = False, exact: bool = False):
         """→ (logprobs, entropies, router_ids), one entry per sequence.
 
         logprobs[i], entropies[i]: fp32 [R_i] on the CPU for response token t given the
         prompt and tokens < t. router_ids[i]: the trainer's experts [num_moe_layers, P_i+R_i-1,
         top_k] int16, layers sorted (the RolloutBatch layout; [L, 0, k] for an empty response).
-        With replay_routing the rollout's recorded experts are forced in every MoE layer."""
+        With replay_routing the rollout's recorded experts are forced in every MoE layer.
+        exact: replay the rollout's own schedule instead (`exact_logprobs`; its experts are
+        the rollout's by construction, so replay_routing changes nothing there)."""
+        if exact:
+            return self.exact_logprobs(rollout, temperature)
         temperature = temperature or logprob_temperature(rollout.sampling)
         if replay_routing and rollout.router_ids is None:
             raise ValueError("replay_routing=True but the rollout batch has no router_ids")
@@ -145,6 +149,42 @@ class TrainerEngine:
                 logprobs[idx[j]], entropies[idx[j]] = lp, en
                 if ids[j] is not None:
                     routers[idx[j]] = ids[j]
+        return logprobs, entropies, routers
+
+    @torch.no_grad()
+    def exact_logprobs(self, rollout: RolloutBatch, temperature: float | None = None):
+        """compute_logprobs' result in exact mode: the rollout's own schedule replayed.
+
+        Each engine call recorded in `rollout.schedule` is re-run through
+        `ring_rl.model.stepping.run_schedule` (same packed prefill and chunking, the same
+        rows at every decode step, the recorded tokens fed back), so on the same weights,
+        dtype and thread count the logprobs and experts are bitwise the rollout's. Gradients
+        still come from the fast packed forward in train_step."""
+        from ring_rl.model.stepping import ReplayChooser, run_schedule, stack_routes
+
+        temperature = temperature or logprob_temperature(rollout.sampling)
+        n = len(rollout)
+        schedule = rollout.schedule or [list(range(n))]
+        if sorted(i for part in schedule for i in part) != list(range(n)):
+            raise ValueError(f"exact mode: rollout.schedule does not cover the {n} sequences exactly once")
+        logprobs, entropies, routers = [None] * n, [None] * n, [None] * n
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with self._gathered():
+                for part in schedule:
+                    responses = [rollout.response_ids[i] for i in part]
+                    if any(r.numel() == 0 for r in responses):
+                        raise ValueError("exact mode: a rollout sequence has an empty response")
+                    res = run_schedule(self.model, [rollout.prompt_ids[i].tolist() for i in part],
+                                       max(r.numel() for r in responses), ReplayChooser(responses),
+                                       temperature, rollout.prefill_chunk, with_entropy=True)
+                    for j, i in enumerate(part):
+                        logprobs[i] = torch.stack(res.logprobs[j]).float().cpu()
+                        entropies[i] = torch.stack(res.entropies[j]).float().cpu()
+                        routers[i] = stack_routes(res.routes[j])
+        finally:
+            self.model.train(was_training)
         return logprobs, entropies, routers
 
     # -- GRPO update ------------------------------------------------------------------------

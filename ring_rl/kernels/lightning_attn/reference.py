@@ -167,11 +167,18 @@ def lightning_attn_decode_ref(q, k, v, log_decay, state, state_indices=None, sca
     if state_indices is None:
         state_indices = torch.arange(N, device=state.device)
     state_indices = state_indices.to(device=state.device, dtype=torch.long)
+    decay = torch.exp(log_decay.float())[None, :, None, None]
+    n_slots = state.shape[0]
+    if N <= n_slots and torch.equal(state_indices, torch.arange(N, device=state.device)):
+        # Rows 0..N-1 own slots 0..N-1 (a decode batch before any sequence finished):
+        # update the cache in place, no gather/scatter copies. Same arithmetic as below.
+        S = state[:N]
+        S.mul_(decay).add_(k.float()[..., None] * v.float()[..., None, :])
+        return (scale * torch.einsum("nhk,nhkv->nhv", q.float(), S)).to(v.dtype)
     live = state_indices >= 0
     slots = state_indices[live]
     S = state[slots]
-    S = torch.exp(log_decay.float())[None, :, None, None] * S \
-        + k[live].float()[..., None] * v[live].float()[..., None, :]
+    S.mul_(decay).add_(k[live].float()[..., None] * v[live].float()[..., None, :])
     state[slots] = S
     o = v.new_zeros(N, H, v.shape[-1], dtype=torch.float32)
     o[live] = scale * torch.einsum("nhk,nhkv->nhv", q[live].float(), S)

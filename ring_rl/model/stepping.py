@@ -1,0 +1,127 @@
+"""The prefill-then-decode schedule, shared by the rollout engine and exact-mode scoring.
+
+`run_schedule` prefills every prompt (packed, optionally in chunks) and then decodes one
+token per unfinished sequence per step, with the model's slot cache. What happens at each
+step is a `Chooser`'s business: the native engine samples the next token (`SampleChooser`),
+the trainer's exact mode feeds back the tokens a rollout already chose (`ReplayChooser`).
+Because both run this one function, the trainer's exact-mode logprobs go through the same
+packing, the same batch of rows at every step and the same ops in the same order as the
+rollout's: on the same weights, dtype and thread count they are bitwise equal.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+
+from ring_rl.model.cache import SeqBatch
+from ring_rl.model.modeling import RingLinearForCausalLM
+from ring_rl.model.sampling import entropy_from_logits, sample, token_logprobs
+
+
+class Chooser(Protocol):
+    def __call__(self, step: int, rows: list[int], logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """→ (tokens [len(rows)], done [len(rows)] bool) for the active `rows` at `step`."""
+
+
+@dataclass
+class ScheduleResult:
+    tokens: list[list[int]]                        # chosen tokens per sequence
+    logprobs: list[list[torch.Tensor]]             # fp32 0-d logprob per chosen token
+    entropies: list[list[torch.Tensor]]            # per chosen token (when asked for)
+    finished_by_choice: list[bool]                 # the chooser said done (EOS) before the cap
+    routes: list[list[torch.Tensor]] = field(default_factory=list)  # router id pieces [L, n, k]
+
+
+@torch.no_grad()
+def run_schedule(model: RingLinearForCausalLM, prompts: list[list[int]], max_new_tokens: int,
+                 choose: Chooser, temperature: float, prefill_chunk: int = 0,
+                 with_entropy: bool = False) -> ScheduleResult:
+    n, dev = len(prompts), model.lm_head.weight.device
+    cache = model.new_cache(n, capacity=max(len(p) for p in prompts) + max_new_tokens)
+    res = ScheduleResult([[] for _ in range(n)], [[] for _ in range(n)], [[] for _ in range(n)],
+                         [False] * n, [[] for _ in range(n)])
+    logits = _prefill(model, prompts, cache, res.routes, prefill_chunk)
+    active = torch.arange(n, device=dev)
+    for step in range(max_new_tokens):
+        rows = active.tolist()
+        tokens, done = choose(step, rows, logits)
+        lp = token_logprobs(logits, tokens, temperature)
+        ent = entropy_from_logits(logits, temperature) if with_entropy else None
+        for j, i in enumerate(rows):
+            res.tokens[i].append(int(tokens[j]))
+            res.logprobs[i].append(lp[j])
+            if ent is not None:
+                res.entropies[i].append(ent[j])
+            if done[j]:
+                res.finished_by_choice[i] = True
+        keep = ~done
+        if step == max_new_tokens - 1 or not bool(keep.any()):
+            break
+        active, tokens = active[keep], tokens[keep]
+        batch = SeqBatch.build(torch.ones(active.numel(), dtype=torch.long, device=dev), cache, active)
+        logits, out = model.forward_flat(tokens, batch)
+        _record(res.routes, active.tolist(), out.router_ids, [1] * active.numel())
+    return res
+
+
+def _prefill(model, prompts, cache, routes, chunk) -> torch.Tensor:
+    """Run the prompts (in chunks of `chunk` tokens if > 0); return each one's last logits."""
+    dev, n = model.lm_head.weight.device, len(prompts)
+    lens = [len(p) for p in prompts]
+    if min(lens) < 1:
+        raise ValueError("every prompt needs at least one token")
+    chunk = chunk or max(lens)
+    last = [None] * n
+    for start in range(0, max(lens), chunk):
+        rows = [i for i in range(n) if lens[i] > start]
+        pieces = [prompts[i][start:start + chunk] for i in rows]
+        ids = torch.tensor([t for p in pieces for t in p], dtype=torch.long, device=dev)
+        seqlens = [len(p) for p in pieces]
+        slots = torch.tensor(rows, dtype=torch.long, device=dev)
+        logits, out = model.forward_flat(ids, SeqBatch.build(torch.tensor(seqlens, device=dev), cache, slots))
+        _record(routes, rows, out.router_ids, seqlens)
+        end = 0
+        for j, i in enumerate(rows):
+            end += seqlens[j]
+            if start + chunk >= lens[i]:
+                last[i] = logits[end - 1]
+    return torch.stack(last)
+
+
+def _record(routes, rows, router_ids: dict[int, torch.Tensor], seqlens: list[int]) -> None:
+    if not router_ids:
+        return
+    stacked = torch.stack([router_ids[layer] for layer in sorted(router_ids)]).to(torch.int16).cpu()  # [L, N, k]
+    for j, piece in enumerate(torch.split(stacked, seqlens, dim=1)):
+        routes[rows[j]].append(piece)
+
+
+def stack_routes(pieces: list[torch.Tensor]) -> torch.Tensor | None:
+    return torch.cat(pieces, dim=1) if pieces else None
+
+
+class SampleChooser:
+    """Draw the next token per row from its own generator; EOS ends a sequence."""
+
+    def __init__(self, temperature: float, top_p: float, top_k: int, generators: list[torch.Generator],
+                 eos_ids: torch.Tensor):
+        self.temperature, self.top_p, self.top_k = temperature, top_p, top_k
+        self.generators, self.eos = generators, eos_ids
+
+    def __call__(self, step, rows, logits):
+        tokens = sample(logits, self.temperature, self.top_p, self.top_k, [self.generators[i] for i in rows])
+        return tokens, torch.isin(tokens, self.eos.to(tokens.device))
+
+
+class ReplayChooser:
+    """Feed back recorded responses: sequence i is done after its last recorded token."""
+
+    def __init__(self, responses: list[torch.Tensor]):
+        self.responses = [r.long() for r in responses]
+
+    def __call__(self, step, rows, logits):
+        tokens = torch.stack([self.responses[i][step] for i in rows]).to(logits.device)
+        done = torch.tensor([step == self.responses[i].numel() - 1 for i in rows], device=logits.device)
+        return tokens, done
