@@ -47,7 +47,7 @@ def run_sft(cfg: RunConfig, out_dir: str | Path) -> Path:
     tokenizer = load_tokenizer(init)
     data = load_prompts(cfg.data, "train", tokenizer).dataset
     ids, masks = sft_examples(list(data["prompt"]), list(data["answer"]), tokenizer)
-    engine = TrainerEngine(str(init), cfg.sft.trainer, cfg.run.seed, "cpu")
+    engine = TrainerEngine(str(init), cfg.sft.trainer, cfg.run.seed, "cpu", total_steps=cfg.sft.steps)
     rng = np.random.default_rng(cfg.run.seed)
     bs, t0 = cfg.sft.batch_size, time.perf_counter()
     bar = tqdm(range(cfg.sft.steps), desc="SFT", unit="step", dynamic_ncols=True)
