@@ -50,20 +50,19 @@ def lr_factor(cfg: TrainerConfig, total_steps: int | None) -> Callable[[int], fl
     """Multiplier of `cfg.lr` for the optimizer step that has `step` steps before it.
 
     Linear warmup: step s < W uses (s + 1) / W (the first update is already non-zero).
-    constant: 1 afterwards. cosine: from 1 down to min_lr_ratio at `total_steps`, then flat.
+    constant: 1 afterwards. cosine: from 1 down to min_lr_ratio at `total_steps`, then flat
+    (a run of at most W steps is all warmup: a shortened run keeps the config's warmup).
     A plain function (not a lambda object with state) so LambdaLR's state_dict stays plain.
     """
     warmup, floor = cfg.warmup_steps, cfg.min_lr_ratio
     if cfg.lr_schedule == "cosine" and not total_steps:
         raise ValueError("trainer.lr_schedule = 'cosine' needs the run's total optimizer steps "
                          "(TrainerEngine(total_steps=...)), got none")
-    if cfg.lr_schedule == "cosine" and total_steps <= warmup:
-        raise ValueError(f"trainer.warmup_steps = {warmup}: must be below the total optimizer steps ({total_steps})")
 
     def factor(step: int) -> float:
         if step < warmup:
             return (step + 1) / warmup
-        if cfg.lr_schedule == "constant":
+        if cfg.lr_schedule == "constant" or total_steps <= warmup:  # a run shorter than its warmup
             return 1.0
         progress = min(1.0, (step - warmup) / (total_steps - warmup))
         return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
