@@ -76,6 +76,29 @@ def lm_logits_model_dtype(hidden: torch.Tensor, weight: torch.Tensor) -> torch.T
     return F.linear(hidden.to(torch.bfloat16), weight.to(torch.bfloat16)).float()
 
 
+# -- injectable mismatches of the other ops (the defaults below never use them) ----------
+def router_logits_bf16(x: torch.Tensor, gate_weight: torch.Tensor) -> torch.Tensor:
+    """Injectable mismatch: the router matmul in bf16 (logits upcast afterwards), where
+    Ring-linear's config asks for an fp32 router."""
+    return F.linear(x.to(torch.bfloat16), gate_weight.to(torch.bfloat16)).float()
+
+
+def group_norm_gate_size_as_count(x, gate, weight, num_groups: int, eps: float = 1e-6) -> torch.Tensor:
+    """Injectable mismatch: `group_norm_size` read as the size of a group instead of the
+    number of groups (F / group_norm_size groups of group_norm_size features)."""
+    return kernels.group_rms_norm_gate(x, gate, weight, x.shape[-1] // num_groups, eps)
+
+
+def lightning_attn_decode_rounded_state(q, k, v, log_decay, state, state_indices=None, scale=None):
+    """The decode step for a recurrent state cached below fp32 (`state_dtype` bf16): the
+    state is read up to fp32, stepped exactly as `lightning_attn_decode`, and stored back
+    rounded to the cache's dtype. Only an injected mismatch needs it."""
+    work = state.float()
+    o = kernels.lightning_attn_decode(q, k, v, log_decay, work, state_indices=state_indices, scale=scale)
+    state.copy_(work.to(state.dtype))
+    return o
+
+
 @dataclass(frozen=True)
 class ModelOps:
     """The op set a model instance runs. Replace one field to inject a discrepancy."""

@@ -1,0 +1,117 @@
+"""The two sides align-check compares, each behind a small interface.
+
+A rollout side samples responses and reports its logprobs and expert choices (a
+`RolloutBatch`), plus — when it can — a `Trace` of every op it ran. The native engine runs
+the model's own code, so it is traced directly; the vLLM engine plugs in here once ring-rl's
+vLLM model plugin exists (`make_rollout_side` says so until then).
+
+The trainer side is the trainer exactly as GRPO uses it: `TrainerEngine` (DeepSpeed,
+fp32 master weights) scores the rollout's tokens with `compute_logprobs`; its trace comes
+from the same engine's forward (`trainer.logprobs.score` through the DeepSpeed module) with
+the recorder attached, and must reproduce `compute_logprobs` bit for bit.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+from ring_rl.alignment_checks.trace import Recorder, Trace, tracing
+from ring_rl.model import load_checkpoint
+from ring_rl.model.ops import DEFAULT_OPS, ModelOps
+from ring_rl.types import RolloutBatch, SamplingParams
+
+
+class EngineUnavailable(RuntimeError):
+    """The requested rollout engine cannot run here (the message says why)."""
+
+
+@dataclass
+class RolloutRun:
+    batch: RolloutBatch
+    trace: Trace | None  # None: the engine cannot show its internals (logprob-level checks only)
+
+
+class RolloutSide(Protocol):
+    name: str
+    compute_dtype: torch.dtype
+
+    def run(self, prompts: list[list[int]], params: SamplingParams) -> RolloutRun: ...
+
+
+class NativeRollout:
+    """ring-rl's native engine on a model built with `ops` (where injections go)."""
+
+    name = "native"
+
+    def __init__(self, model_dir: str | os.PathLike, ops: ModelOps = DEFAULT_OPS, device: str = "cpu"):
+        from ring_rl.rollout.native import NativeEngine
+
+        self.model = load_checkpoint(model_dir, ops=ops).to(device)
+        eos = self.model.config.eos_token_id
+        self.engine = NativeEngine(self.model, eos if isinstance(eos, list) else [eos])
+        self.compute_dtype = self.model.lm_head.weight.dtype
+
+    def run(self, prompts: list[list[int]], params: SamplingParams) -> RolloutRun:
+        rec = Recorder([len(p) for p in prompts])
+        with tracing(self.model, rec):
+            batch = self.engine.generate(prompts, params)
+        return RolloutRun(batch, rec.finish())
+
+
+def make_rollout_side(engine: str, model_dir: str | os.PathLike, ops: ModelOps = DEFAULT_OPS,
+                      device: str = "cpu") -> RolloutSide:
+    if engine == "native":
+        return NativeRollout(model_dir, ops, device)
+    if engine == "vllm":
+        try:
+            import vllm  # noqa: F401
+            why = "ring-rl's vLLM model plugin has not landed yet (use --engine native)"
+        except ImportError as e:
+            why = f"the vllm package cannot be imported ({e}); and ring-rl's vLLM plugin has not landed yet"
+        raise EngineUnavailable(f"vLLM engine not available: {why}")
+    raise ValueError(f"--engine {engine!r}: expected native or vllm")
+
+
+class TrainerSide:
+    """The DeepSpeed trainer (ZeRO stage 0: nothing is sharded or updated here)."""
+
+    def __init__(self, model_dir: str | os.PathLike, device: str = "cpu", bf16: bool = False):
+        from ring_rl.config import TrainerConfig
+        from ring_rl.trainer.engine import TrainerEngine
+
+        # One micro-batch for any align-check batch, so compute_logprobs runs the very call
+        # the trace runs (the two must then agree bit for bit).
+        cfg = TrainerConfig(zero_stage=0, micro_batch_size=1_000_000, bf16=bf16)
+        self.trainer = TrainerEngine(model_dir, cfg, device=device)
+        self.model = self.trainer.model
+        self.compute_dtype = torch.bfloat16 if bf16 else torch.float32
+
+    def logprobs(self, rollout: RolloutBatch, temperature: float):
+        """Per sequence: (logprobs [R_i], expert ids [num_moe_layers, P_i + R_i - 1, k])."""
+        logprobs, _, routers = self.trainer.compute_logprobs(rollout, temperature)
+        return logprobs, routers
+
+    @torch.no_grad()
+    def run_traced(self, rollout: RolloutBatch, temperature: float) -> tuple[Trace, list[torch.Tensor]]:
+        """One traced forward of every sequence with a response → (trace, logprobs)."""
+        from ring_rl.trainer.logprobs import pack, response_sequences, score
+
+        seqs, masks = response_sequences(rollout.prompt_ids, rollout.response_ids)
+        live = [i for i in range(len(seqs)) if len(rollout.response_ids[i]) > 0]
+        packed = pack([seqs[i] for i in live], [masks[i] for i in live], self.trainer.device)
+        rec = Recorder([len(p) for p in rollout.prompt_ids], seq_ids=live, lm_rows=packed.rows,
+                       state_from_inputs=True)
+        with tracing(self.model, rec):
+            logp, _, _ = score(self.trainer.engine, packed, temperature, with_entropy=False)
+        out = [torch.zeros(0) for _ in seqs]
+        for i, lp in zip(live, packed.split(logp.float().cpu())):
+            out[i] = lp
+        return rec.finish(), out
+
+    @property
+    def policy(self):
+        """The module TrainerEngine scores with (FlatPolicy inside DeepSpeed)."""
+        return self.trainer.engine
