@@ -76,20 +76,21 @@ def load_avg() -> float:
 
 
 # -- ring-rl: the CLI in a subprocess, steps read back from metrics.jsonl --------------------
-def run_ring_rl(work: Path, ckpt: Path, data: dict[str, str], size: tuple[int, int, int], steps: int) -> dict:
+def run_ring_rl(work: Path, ckpt: Path, data: dict[str, str], size: tuple[int, int, int], steps: int,
+                extra: tuple[str, ...] = (), tag: str = "") -> dict:
     p, g, t = size
-    run_dir = work / f"ring-rl-{p}x{g}x{t}"
+    run_dir = work / f"ring-rl-{p}x{g}x{t}{tag}"
     overrides = [
         f"run.dir={run_dir}", f"model.name_or_path={ckpt}", "sft.enabled=false",
         f"data.train_files=[{data['train']}]", f"data.test_files=[{data['test']}]",
         f"run.steps={steps + 1}", "run.eval_every=0", "run.checkpoint_every=0",
         f"run.prompts_per_step={p}", f"rollout.group_size={g}", f"rollout.max_new_tokens={t}",
-        "rollout.temperature=1.0", f"trainer.micro_batch_size={p * g}",
+        "rollout.temperature=1.0", f"trainer.micro_batch_size={p * g}", *extra,
     ]
     cmd = [sys.executable, "-m", "ring_rl.cli", "train", "--config", str(CONFIG), *overrides]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     load, t0 = load_avg(), time.perf_counter()
-    with open(work / f"ring-rl-{p}x{g}x{t}.log", "w") as log:
+    with open(work / f"ring-rl-{p}x{g}x{t}{tag}.log", "w") as log:
         proc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, timeout=900, check=False)
     wall = time.perf_counter() - t0
     if proc.returncode != 0:
@@ -98,7 +99,9 @@ def run_ring_rl(work: Path, ckpt: Path, data: dict[str, str], size: tuple[int, i
     steps_out = [{"s": r["perf/step_s"], "gen_s": r["perf/rollout_s"],
                   "tokens": r["response/length_mean"] * p * g, "train_s": r["perf/train_s"],
                   "sync_s": r["perf/sync_s"], "reward_s": r["perf/reward_s"],
-                  "update_s": r["train/time_s"]} for r in rows]
+                  "update_s": r["train/time_s"], "align_s": r["perf/align_s"],
+                  "rollout_tok_s": r["perf/rollout_tokens_per_s"],
+                  "bitwise": r["align/bitwise_equal_frac"]} for r in rows]
     return {"system": "ring-rl", "threads": "1 per actor", "size": size, "steps": steps_out,
             "wall_s": wall, "load": load}
 

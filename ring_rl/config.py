@@ -121,7 +121,7 @@ class AlignmentConfig(_Section):
     icepop_beta: float = Field(2.0, gt=1, description="IcePop: mask when ratio > beta")
     gate: list[GateRule] = Field([], description="rules checked before each update, in order")
     routing_replay: bool = Field(False, description="trainer replays the rollout's MoE expert choices")
-    mode: Literal["default", "exact"] = Field("default", description="exact = batch-invariant kernels aiming at bitwise-equal logprobs")
+    mode: Literal["default", "exact"] = Field("default", description="exact = the trainer's logprob pass replays the rollout's schedule (same packing, same decode-step batches, same ops): bitwise-equal logprobs, checked every step")
 
 
 class RunSection(_Section):
@@ -154,6 +154,9 @@ class RayConfig(_Section):
     trainer_cpus_per_worker: float = Field(1.0, ge=0, description="Ray CPUs reserved per trainer rank")
     trainer_gpus_per_worker: float = Field(0.0, ge=0, description="Ray GPUs reserved per trainer rank")
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK"] = Field("PACK", description="Ray placement group strategy")
+    call_timeout_s: float = Field(1800.0, gt=0, description="a remote call not answered in this time reports its actor as hung")
+    max_rollout_restarts: int = Field(3, ge=0, description="dead or hung rollout actors replaced per run (their unfinished prompts re-run)")
+    max_trainer_restarts: int = Field(2, ge=0, description="with run.resume/auto_resume: restarts from the newest checkpoint after a trainer actor failure")
 
 
 class RunConfig(_Section):
@@ -181,9 +184,24 @@ class RunConfig(_Section):
                 raise ValueError(f"data.builtin={self.data.builtin}: train_files/test_files must be "
                                  f"[DIR/train.jsonl] and [DIR/test.jsonl] in one DIR, got "
                                  f"{self.data.train_files} and {self.data.test_files}")
+        if self.alignment.mode == "exact":
+            self._check_exact()
         if self.run.resume and self.run.auto_resume:
             raise ValueError("run.resume and run.auto_resume: set at most one")
         return self
+
+    def _check_exact(self) -> None:
+        """Exact mode needs both engines to run the same arithmetic: same dtype, same threads."""
+        if self.rollout.engine != "native":
+            raise ValueError(f"alignment.mode=exact: supported with rollout.engine=native, got {self.rollout.engine!r}")
+        if (self.model.dtype == "bf16") != self.trainer.bf16:
+            raise ValueError(f"alignment.mode=exact: model.dtype={self.model.dtype} (rollout) and "
+                             f"trainer.bf16={self.trainer.bf16} must agree")
+        r, t = int(max(self.rollout.cpus_per_actor, 1)), int(max(self.ray.trainer_cpus_per_worker, 1))
+        if not self.rollout.gpus_per_actor and r != t:
+            raise ValueError(f"alignment.mode=exact: rollout.cpus_per_actor ({r}) and "
+                             f"ray.trainer_cpus_per_worker ({t}) set the torch threads of each side; "
+                             "CPU matmuls block by thread count, so they must be equal")
 
 
 # ---------------------------------------------------------------- loading and saving

@@ -137,12 +137,24 @@ def _summary(run: Path, rows: list[dict], align_cfg: dict) -> str:
              ("gate rules", "; ".join(f"{g.get('metric')} {g.get('op', '>')} {g.get('threshold')} → {g.get('action')}"
                                       for g in align_cfg.get("gate") or []) or "none"),
              ("gate fired", counts), ("written", datetime.now().strftime("%Y-%m-%d %H:%M"))]
+    if align_cfg.get("mode") == "exact":
+        facts.append(("exact mode", _exact_verdict(rows)))
     for key in ("align/abs_delta_mean", "align/k3", "align/bitwise_equal_frac", "reward/mean"):
         if isinstance(last.get(key), (int, float)):
             facts.append((f"last {key}", f"{last[key]:.4g}"))
     table = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(v)}</td></tr>" for k, v in facts)
     text = "" if rows else "<p class='note'>metrics.jsonl is missing or empty: no step has been logged yet.</p>"
     return f"<h1>ring-rl run report</h1><table class='facts'>{table}</table>{text}"
+
+
+def _exact_verdict(rows: list[dict]) -> str:
+    broken = [r for r in rows if "exact/first_difference" in r]
+    if broken:
+        return f"BROKEN at step {broken[0].get('step')}: {broken[0]['exact/first_difference']}"
+    checked = [r for r in rows if "align/exact_ok" in r]
+    tokens = sum(int(r.get("align/tokens", 0)) for r in checked)
+    return (f"bitwise equal at every step: {len(checked)} steps, {tokens} response tokens, "
+            "router flips 0" if checked else "no step checked yet")
 
 
 def _mismatch(rows: list[dict]) -> str:

@@ -4,8 +4,10 @@ The driver owns the loop, the data order, the metrics and the checkpoints; the a
 the model copies. Read top to bottom, this file is one GRPO run."""
 from __future__ import annotations
 
+import itertools
 import json
 import logging
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +18,7 @@ from tqdm import tqdm
 
 from ring_rl.alignment_checks.gate import check_gate, known_metric_names, validate_rules
 from ring_rl.alignment_checks.metrics import logprob_mismatch, router_flip_rate
+from ring_rl.alignment_checks.exact import first_exact_difference
 from ring_rl.alignment_checks.policies import apply_policy
 from ring_rl.alignment_checks.report import save_token_arrays, save_worst_tokens, write_report
 from ring_rl.config import RunConfig, save_config
@@ -25,7 +28,8 @@ from ring_rl.rl.grpo import group_advantages
 from ring_rl.rl.metrics import MetricsLogger, truncate_jsonl
 from ring_rl.rl.reward import RewardFn
 from ring_rl.rl.run_state import CheckpointDirs
-from ring_rl.rl.workers import Workers
+from ring_rl.rl.stop import RunStopped, StopRequest
+from ring_rl.rl.workers import TrainerFailed, Workers
 from ring_rl.types import RolloutBatch, SamplingParams, TrainBatch
 
 log = logging.getLogger("ring_rl.train")
@@ -40,6 +44,17 @@ class RunResult:
 
 
 def train(cfg: RunConfig, model_dir: str | Path, tokenizer) -> RunResult:
+    """A trainer actor failure ends its step; with run.resume or run.auto_resume the run goes
+    on from the newest checkpoint (at most ray.max_trainer_restarts times), else it stops
+    saying how to resume. SIGTERM/Ctrl-C stop after the current step, with a checkpoint."""
+    for attempt in itertools.count():
+        try:
+            return _train_once(cfg, model_dir, tokenizer)
+        except TrainerFailed as e:
+            cfg = _after_trainer_failure(cfg, e, attempt)
+
+
+def _train_once(cfg: RunConfig, model_dir: str | Path, tokenizer) -> RunResult:
     run_dir = Path(cfg.run.dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, run_dir / "config.yaml")
@@ -62,12 +77,15 @@ def train(cfg: RunConfig, model_dir: str | Path, tokenizer) -> RunResult:
         truncate_jsonl(run_dir / "samples.jsonl", start_step)
         log.info("resuming from %s (step %d)", resume_from, start_step)
     workers = Workers(cfg, model_dir, trainer_state=resume_from / "trainer" if resume_from else None)
+    stop = StopRequest()
     try:
+        stop.install()  # after ray.init, which installs a SIGTERM handler of its own
         if test_data is not None and acc_before is None:
             acc_before = evaluate(workers, test_data, tokenizer, reward_fn, cfg)["eval/accuracy"]
             log.info("test accuracy before training: %.1f%%", 100 * acc_before)
         bar = tqdm(range(start_step + 1, cfg.run.steps + 1), initial=start_step, total=cfg.run.steps,
-                   desc="GRPO", unit="step", dynamic_ncols=True)
+                   desc="GRPO", unit="step", dynamic_ncols=True,
+                   disable=not sys.stderr.isatty())  # a log file gets the line per step below instead
         row = {}
         for step in bar:
             row, samples = grpo_step(cfg, step, stream.next_batch(), workers, tokenizer, reward_fn,
@@ -77,24 +95,40 @@ def train(cfg: RunConfig, model_dir: str | Path, tokenizer) -> RunResult:
             if test_data is not None and (step % cfg.run.eval_every == 0 or step == cfg.run.steps):
                 row.update(evaluate(workers, test_data, tokenizer, reward_fn, cfg))
             metrics.log(step, row)
+            if "exact/first_difference" in row:
+                write_report(run_dir)
+                raise ExactModeBroken(f"step {step}: alignment.mode=exact but the trainer's logprobs are not "
+                                      f"bitwise the rollout's: {row['exact/first_difference']}; localise it with "
+                                      f"`ring-rl align-check`; report: {run_dir / 'report.html'}")
             if row.get("gate/action") == "abort":
                 write_report(run_dir)
                 raise GateAbort(f"step {step}: alignment gate aborted the run ({row['gate/fired']}); "
                                 f"report: {run_dir / 'report.html'}")
             bar.set_postfix(reward=f"{row['reward/mean']:.3f}", tok_s=f"{row['perf/rollout_tokens_per_s']:.0f}")
-            if (cfg.run.checkpoint_every and step % cfg.run.checkpoint_every == 0) or step == cfg.run.steps:
-                save_checkpoint(ckpts, workers, step, stream, acc_before)
+            if not sys.stderr.isatty():  # a log file (a Ray job's): one line per step, not bar redraws
+                log.info("step %d/%d: reward %.3f, %.1f s", step, cfg.run.steps, row["reward/mean"], row["perf/step_s"])
+            if ((cfg.run.checkpoint_every and step % cfg.run.checkpoint_every == 0) or step == cfg.run.steps
+                    or stop.requested):
+                saved = save_checkpoint(ckpts, workers, step, stream, acc_before)
+                if stop.requested and step < cfg.run.steps:
+                    raise RunStopped(f"stopped after step {step} of {cfg.run.steps}; checkpoint {saved}; "
+                                     "run again with --resume to continue", stop.signum)
         acc_after = row.get("eval/accuracy")
         report = write_report(run_dir)
         log.info("report: %s", report)
         return RunResult(cfg.run.steps, acc_before, acc_after, run_dir)
     finally:
+        stop.restore()
         metrics.close()
         workers.shutdown()
 
 
 class GateAbort(RuntimeError):
     """The alignment gate's `abort` rule fired (the report was written first)."""
+
+
+class ExactModeBroken(RuntimeError):
+    """alignment.mode=exact and a logprob or expert differed (the report was written first)."""
 
 
 def moe_layer_indices(model_dir) -> list[int]:
@@ -139,6 +173,9 @@ def grpo_step(cfg: RunConfig, step: int, prompts: PromptBatch, workers: Workers,
     trainer_lp, trainer_ids = workers.trainer_logprobs(rollout, replay=cfg.alignment.routing_replay)
     align = logprob_mismatch(rollout.logprobs, trainer_lp)
     align.update(router_flips(rollout, trainer_ids, moe_layers))
+    if cfg.alignment.mode == "exact":
+        broken = first_exact_difference(rollout.logprobs, trainer_lp, rollout.router_ids, trainer_ids, moe_layers)
+        align["align/exact_ok"] = float(broken is None)
     policy = apply_policy(cfg.alignment, rollout.logprobs, trainer_lp)
     gate = check_gate(cfg.alignment.gate, {**align, **policy.metrics}) if align["align/tokens"] else None
     save_token_arrays(run_dir, step, rollout.logprobs, trainer_lp)
@@ -146,6 +183,8 @@ def grpo_step(cfg: RunConfig, step: int, prompts: PromptBatch, workers: Workers,
                       tokenizer.decode)
     t_align = time.perf_counter()
     train_stats = {}
+    if cfg.alignment.mode == "exact" and broken is not None:  # no update on a broken promise
+        return {**align, "exact/first_difference": broken, "perf/step_s": time.perf_counter() - t0}, []
     if gate is None or gate.action not in ("skip", "abort"):
         batch = TrainBatch(rollout=rollout, rewards=rewards, advantages=advantages,
                            old_logprobs=policy.old_logprobs, token_weights=policy.token_weights)
@@ -170,6 +209,8 @@ def grpo_step(cfg: RunConfig, step: int, prompts: PromptBatch, workers: Workers,
         **policy.metrics,
         **(gate.as_row() if gate is not None else {}),
         "weights/version": version,
+        "rollout/sequences": len(rollout),
+        "rollout/actor_restarts": workers.restarts,  # replaced rollout actors so far in this run
         "perf/rollout_tokens_per_s": n_tokens / max(t_rollout - t0, 1e-9),
         "perf/rollout_s": t_rollout - t0,
         "perf/reward_s": t_reward - t_rollout,
@@ -195,10 +236,34 @@ def save_checkpoint(ckpts: CheckpointDirs, workers: Workers, step: int, stream: 
 
 
 def _resume_point(cfg: RunConfig, ckpts: CheckpointDirs) -> Path | None:
-    latest = ckpts.latest()
+    """The newest checkpoint that verifies; newer broken ones are set aside (and logged)."""
+    if not (cfg.run.resume or cfg.run.auto_resume):
+        return None
+    latest = ckpts.newest_valid()
     if cfg.run.resume and latest is None:
-        raise FileNotFoundError(f"run.resume is set but {ckpts.root} has no checkpoint")
-    return latest if (cfg.run.resume or cfg.run.auto_resume) else None
+        raise FileNotFoundError(f"run.resume is set but {ckpts.root} has no usable checkpoint")
+    return latest
+
+
+def _after_trainer_failure(cfg: RunConfig, error: TrainerFailed, attempt: int) -> RunConfig:
+    """The config of the next attempt (continue from the newest checkpoint), or the error
+    again with what to do about it."""
+    run_dir = Path(cfg.run.dir)
+    newest = CheckpointDirs(run_dir, keep=cfg.run.keep_checkpoints).latest()
+    where = f"the newest checkpoint is {newest}" if newest else "no checkpoint was saved yet"
+    if not (cfg.run.resume or cfg.run.auto_resume):
+        raise TrainerFailed(f"{error}. The run cannot go on without its trainer; {where}: run again with "
+                            "--resume (or set run.auto_resume: true) to continue from it") from None
+    if attempt >= cfg.ray.max_trainer_restarts:
+        raise TrainerFailed(f"{error}. Gave up after {attempt} restart(s) (ray.max_trainer_restarts); "
+                            f"{where}") from None
+    log.warning("%s. The run goes on with a new trainer, %s (restart %d of %d)", error,
+                f"from {newest}; steps after it are redone" if newest else "from step 0",
+                attempt + 1, cfg.ray.max_trainer_restarts)
+    if newest is None:  # starting over: the failed attempt's rows go
+        truncate_jsonl(run_dir / "metrics.jsonl", 0)
+        truncate_jsonl(run_dir / "samples.jsonl", 0)
+    return cfg.model_copy(update={"run": cfg.run.model_copy(update={"resume": False, "auto_resume": True})})
 
 
 def shutdown_ray() -> None:

@@ -9,28 +9,40 @@ import logging
 import os
 
 import ray
-from ray.util.placement_group import placement_group
+from ray.exceptions import GetTimeoutError
+from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from ring_rl.config import RunConfig
 
 log = logging.getLogger(__name__)
+RAY_JOB_CONFIG = "RAY_JOB_CONFIG_JSON_ENV_VAR"
+PLACEMENT_TIMEOUT_S = 120  # set by Ray in a submitted job's driver
 
 
 def init_ray(cfg: RunConfig) -> None:
+    """Join `ray.address`, or the cluster a Ray job runs in (RAY_ADDRESS set by Ray), or
+    start a local instance. A RAY_ADDRESS of http://... names a jobs server for `ring-rl
+    submit`, not a cluster to join, and is ignored here."""
     if ray.is_initialized():
         return
     kwargs: dict = {"include_dashboard": False, "log_to_driver": True}
-    if cfg.ray.address:
-        kwargs["address"] = cfg.ray.address
+    env_address = os.environ.get("RAY_ADDRESS", "")
+    address = cfg.ray.address or ("auto" if env_address and "://" not in env_address else None)
+    if address:
+        kwargs["address"] = address
     else:
+        kwargs["address"] = "local"
         kwargs["num_cpus"] = cfg.ray.num_cpus or os.cpu_count()
         if cfg.ray.num_gpus is not None:
             kwargs["num_gpus"] = cfg.ray.num_gpus
-    # Actors import ring_rl from this checkout even when it is not pip-installed.
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    pythonpath = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH", "")) if p)
-    kwargs["runtime_env"] = {"env_vars": {"PYTHONPATH": pythonpath, "TOKENIZERS_PARALLELISM": "false"}}
+    env_vars = {"TOKENIZERS_PARALLELISM": "false"}
+    if RAY_JOB_CONFIG not in os.environ:
+        # Actors import ring_rl from this checkout even when it is not pip-installed. (In a
+        # Ray job the job's working_dir does that, and the job's env vars must not be re-set.)
+        root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        env_vars["PYTHONPATH"] = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH", "")) if p)
+    kwargs["runtime_env"] = {"env_vars": env_vars}
     ray.init(**kwargs)
     log.info("ray: %s", ray.cluster_resources())
 
@@ -45,7 +57,13 @@ def actor_groups(cfg: RunConfig):
         rollout_idx.append(len(bundles))
         bundles.append(_bundle(cfg.rollout.cpus_per_actor, cfg.rollout.gpus_per_actor))
     pg = placement_group(bundles, strategy=cfg.ray.placement_strategy)
-    ray.get(pg.ready(), timeout=120)
+    try:
+        ray.get(pg.ready(), timeout=PLACEMENT_TIMEOUT_S)
+    except GetTimeoutError:
+        remove_placement_group(pg)
+        raise RuntimeError(f"the cluster could not place {bundles} ({cfg.ray.placement_strategy}) in "
+                           f"{PLACEMENT_TIMEOUT_S} s; it offers {ray.available_resources()} now "
+                           "(fewer actors or smaller rollout/ray resources, or a bigger cluster)") from None
     return pg, trainer_idx, rollout_idx
 
 

@@ -1,12 +1,23 @@
 """The driver's handle on its actors: one trainer, N rollout workers, versioned weights.
 
-Every remote call has a timeout, so a hung actor is reported instead of waited on."""
+Every remote call has a deadline (`ray.call_timeout_s`), so a hung actor is reported instead
+of waited on. Faults are handled by role:
+- a rollout actor that dies or hangs is killed and replaced in its placement bundle; the
+  replacement gets the current weights and re-runs the calls it owed (its share of the
+  step's prompts, with the same per-sequence seeds), so the merged batch holds each sequence
+  exactly once (at most `ray.max_rollout_restarts` replacements per run);
+- a trainer actor that dies or hangs raises `TrainerFailed`: its optimizer state is gone, so
+  the step ends there and the driver resumes from the newest checkpoint or stops."""
 from __future__ import annotations
 
 import logging
+import re
+import time
 from pathlib import Path
+from typing import Any, Callable
 
 import ray
+from ray.exceptions import GetTimeoutError, RayActorError
 
 from ring_rl.config import RunConfig
 from ring_rl.rl.placement import actor_groups, init_ray, placed
@@ -14,36 +25,85 @@ from ring_rl.rollout.worker import RolloutWorker
 from ring_rl.types import RolloutBatch, SamplingParams, TrainBatch
 
 log = logging.getLogger(__name__)
-CALL_TIMEOUT_S = 1800.0
+
+
+class ActorFailed(RuntimeError):
+    """An actor died or did not answer in time (the message names the actor and the call)."""
+
+
+class TrainerFailed(ActorFailed):
+    """The trainer actor is gone or hung: the run can only go on from a checkpoint."""
+
+
+class RolloutFailed(ActorFailed):
+    """A rollout actor failed and no replacement was allowed or possible."""
+
+
+class ActorStartFailed(ActorFailed):
+    """An actor's constructor raised (a bad config or model dir): restarting will not help."""
 
 
 class Workers:
     def __init__(self, cfg: RunConfig, model_dir: str | Path, trainer_state: Path | None = None):
+        init_ray(cfg)
+        self.cfg, self.model_dir = cfg, str(model_dir)
+        self.timeout_s = cfg.ray.call_timeout_s
+        self.restarts_left = cfg.ray.max_rollout_restarts
+        self.restarts = 0  # rollout actors replaced so far in this run
+        self.pg, trainer_idx, self.rollout_bundles = actor_groups(cfg)
+        self.trainer, self.rollouts = None, []
+        try:
+            self._start(trainer_idx[0], trainer_state)
+        except BaseException:  # a failed start must not keep the bundles a retry needs
+            self.shutdown()
+            raise
+
+    def _start(self, trainer_bundle: int, trainer_state: Path | None) -> None:
         from ring_rl.trainer.actor import TrainerActor
 
-        init_ray(cfg)
-        self.cfg = cfg
-        self.pg, trainer_idx, rollout_idx = actor_groups(cfg)
+        cfg = self.cfg
         t_cpus, t_gpus = cfg.ray.trainer_cpus_per_worker, cfg.ray.trainer_gpus_per_worker
         device = "cuda" if t_gpus else "cpu"
-        self.trainer = TrainerActor.options(**placed(self.pg, trainer_idx[0], t_cpus, t_gpus)).remote(
-            str(model_dir), cfg.trainer, cfg.run.seed, device, int(max(t_cpus, 1)),
+        self.trainer = TrainerActor.options(**placed(self.pg, trainer_bundle, t_cpus, t_gpus)).remote(
+            self.model_dir, cfg.trainer, cfg.run.seed, device, int(max(t_cpus, 1)),
             cfg.run.steps * cfg.trainer.ppo_epochs * cfg.trainer.num_minibatches)
+        self.rollouts = [self._start_rollout(b) for b in self.rollout_bundles]
         if trainer_state is not None:
-            self._get(self.trainer.load.remote(str(trainer_state)))
-        r_cpus, r_gpus = cfg.rollout.cpus_per_actor, cfg.rollout.gpus_per_actor
-        actor_cls = ray.remote(RolloutWorker)
-        self.rollouts = [
-            actor_cls.options(**placed(self.pg, i, r_cpus, r_gpus)).remote(
-                str(model_dir), cfg.rollout.engine, cfg.model.dtype, "cuda" if r_gpus else "cpu",
-                0, int(max(r_cpus, 1)))
-            for i in rollout_idx
-        ]
+            self._trainer_get("load", self.trainer.load.remote(str(trainer_state)))
         self.version = -1
         self.sync_weights()  # rollout starts from the trainer's weights (a resumed run's too)
 
-    def _get(self, refs):
-        return ray.get(refs, timeout=CALL_TIMEOUT_S)
+    # -- trainer -----------------------------------------------------------------------------
+    def _trainer_get(self, what: str, ref):
+        try:
+            return ray.get(ref, timeout=self.timeout_s)
+        except GetTimeoutError:
+            raise TrainerFailed(f"trainer actor: {what} did not answer in {self.timeout_s:.0f} s "
+                                "(hung? ray.call_timeout_s sets the limit)") from None
+        except RayActorError as e:
+            if e.actor_init_failed:
+                raise ActorStartFailed(f"trainer actor failed to start: {_cause(e)}") from None
+            raise TrainerFailed(f"trainer actor died during {what}: {_first_line(e)}") from None
+
+    def trainer_logprobs(self, rollout: RolloutBatch, replay: bool = False):
+        """(per-sequence fp32 logprobs of the response tokens, per-sequence router ids)."""
+        logprobs, _entropy, router_ids = self._trainer_get(
+            "compute_logprobs", self.trainer.compute_logprobs.remote(rollout, None, replay,
+                                                                     self.cfg.alignment.mode == "exact"))
+        return logprobs, router_ids
+
+    def train(self, batch: TrainBatch) -> dict:
+        return self._trainer_get("train_step", self.trainer.train_step.remote(batch, self.cfg.alignment.routing_replay))
+
+    def save_trainer(self, path: Path) -> None:
+        self._trainer_get("save", self.trainer.save.remote(str(path)))
+
+    # -- rollout -----------------------------------------------------------------------------
+    def _start_rollout(self, bundle: int):
+        r_cpus, r_gpus = self.cfg.rollout.cpus_per_actor, self.cfg.rollout.gpus_per_actor
+        return ray.remote(RolloutWorker).options(**placed(self.pg, bundle, r_cpus, r_gpus)).remote(
+            self.model_dir, self.cfg.rollout.engine, self.cfg.model.dtype, "cuda" if r_gpus else "cpu",
+            0, int(max(r_cpus, 1)))
 
     def generate(self, prompts: list[list[int]], params: SamplingParams, seeds: list[int],
                  group_ids: list[int], expect_version: bool = True) -> RolloutBatch:
@@ -51,42 +111,121 @@ class Workers:
         n = len(self.rollouts)
         bounds = [round(i * len(prompts) / n) for i in range(n + 1)]
         version = self.version if expect_version else None
-        refs = [w.generate.remote(prompts[lo:hi], params, version, seeds[lo:hi], group_ids[lo:hi])
-                for w, lo, hi in zip(self.rollouts, bounds, bounds[1:]) if hi > lo]
-        parts = self._get(refs)
-        return RolloutBatch(
-            prompt_ids=[x for p in parts for x in p.prompt_ids],
-            response_ids=[x for p in parts for x in p.response_ids],
-            logprobs=[x for p in parts for x in p.logprobs],
-            finish_reasons=[x for p in parts for x in p.finish_reasons],
-            weight_version=parts[0].weight_version,
-            sampling=params,
-            group_ids=[x for p in parts for x in p.group_ids],
-            router_ids=[x for p in parts for x in p.router_ids] if parts[0].router_ids is not None else None,
-        )
-
-    def trainer_logprobs(self, rollout: RolloutBatch, replay: bool = False):
-        """(per-sequence fp32 logprobs of the response tokens, per-sequence router ids)."""
-        logprobs, _entropy, router_ids = self._get(self.trainer.compute_logprobs.remote(rollout, None, replay))
-        return logprobs, router_ids
-
-    def train(self, batch: TrainBatch) -> dict:
-        return self._get(self.trainer.train_step.remote(batch, self.cfg.alignment.routing_replay))
+        chunks = {i: (lo, hi) for i, (lo, hi) in enumerate(zip(bounds, bounds[1:])) if hi > lo}
+        parts = self._on_rollouts(
+            {i: (lambda w, lo=lo, hi=hi: w.generate.remote(prompts[lo:hi], params, version, seeds[lo:hi],
+                                                           group_ids[lo:hi]))
+             for i, (lo, hi) in chunks.items()},
+            "generate", reload_weights=True)
+        parts = [parts[i] for i in sorted(parts)]
+        batch = RolloutBatch.concat(parts)  # keeps each actor's call as one schedule entry (exact mode)
+        if list(batch.group_ids) != list(group_ids):  # each sequence once, in order, re-runs included
+            raise RuntimeError(f"rollout merge: {len(batch.group_ids)} sequences back for {len(group_ids)} sent")
+        return batch
 
     def sync_weights(self) -> int:
         """Trainer → object store → every rollout worker; returns the new version. The
         trainer's result goes to the workers as an ObjectRef, never through the driver."""
-        payload = self.trainer.weights_for_rollout.remote()
-        versions = self._get([w.load_weights_payload.remote(payload) for w in self.rollouts])
+        payload = self._weights_payload()
+        versions = self._on_rollouts({i: (lambda w: w.load_weights_payload.remote(payload))
+                                      for i in range(len(self.rollouts))}, "load_weights", reload_weights=False)
         self.version = versions[0]
         return self.version
 
-    def save_trainer(self, path: Path) -> None:
-        self._get(self.trainer.save.remote(str(path)))
+    def _weights_payload(self):
+        """The trainer's (version, state dict) as an ObjectRef, once it exists. Waiting here
+        (without pulling the weights into the driver) keeps a hung trainer from looking like
+        hung rollout actors that wait on their argument."""
+        payload = self.trainer.weights_for_rollout.remote()
+        if not ray.wait([payload], timeout=self.timeout_s, fetch_local=False)[0]:
+            raise TrainerFailed(f"trainer actor: weights_for_rollout did not answer in {self.timeout_s:.0f} s "
+                                "(hung? ray.call_timeout_s sets the limit)")
+        return payload
 
+    def _on_rollouts(self, calls: dict[int, Callable[[Any], Any]], what: str, reload_weights: bool) -> dict[int, Any]:
+        """`calls[i](actor_i)` on each listed rollout actor, results by index. A dead or hung
+        actor is replaced (with the current weights if `reload_weights`) and its call re-run."""
+        pending = {}  # ObjectRef -> (actor index, deadline)
+
+        def submit(i: int) -> None:
+            pending[calls[i](self.rollouts[i])] = (i, time.monotonic() + self.timeout_s)
+
+        for i in calls:
+            submit(i)
+        results: dict[int, Any] = {}
+        while pending:
+            wait_s = max(0.0, min(d for _, d in pending.values()) - time.monotonic())
+            ready, _ = ray.wait(list(pending), num_returns=1, timeout=wait_s)
+            failed = []
+            for ref in ready:
+                i, _ = pending.pop(ref)
+                try:
+                    results[i] = ray.get(ref)
+                except RayActorError as e:
+                    self._raise_unless_rollout_died(e, i, what)
+                    failed.append((i, f"died during {what} ({_first_line(e)})"))
+            now = time.monotonic()
+            for ref, (i, deadline) in list(pending.items()):
+                if deadline <= now:
+                    pending.pop(ref)
+                    failed.append((i, f"did not answer {what} in {self.timeout_s:.0f} s (hung?)"))
+            for i, reason in failed:
+                self._replace_rollout(i, reason, reload_weights)
+                submit(i)
+        return results
+
+    def _raise_unless_rollout_died(self, e: RayActorError, i: int, what: str) -> None:
+        """An argument's failure arrives as the callee's error: the weights payload of a dead
+        trainer must not look like dead rollout actors. A replacement that cannot even start
+        will not start the next time either."""
+        trainer = e.actor_id is not None and e.actor_id == self.trainer._actor_id.hex()
+        if e.actor_init_failed:
+            raise ActorStartFailed(f"{'trainer actor' if trainer else f'rollout actor {i}'} failed to start: "
+                                   f"{_cause(e)}") from None
+        if trainer:
+            raise TrainerFailed(f"trainer actor died before {what} on rollout actor {i}: {_first_line(e)}") from None
+
+    def _replace_rollout(self, i: int, reason: str, reload_weights: bool) -> None:
+        if self.restarts_left <= 0:
+            raise RolloutFailed(f"rollout actor {i} {reason}; no replacement left "
+                                f"(ray.max_rollout_restarts={self.cfg.ray.max_rollout_restarts} used up)")
+        self.restarts_left -= 1
+        self.restarts += 1
+        log.warning("rollout actor %d %s: replacing it (weights version %d) and re-running its prompts",
+                    i, reason, self.version)
+        ray.kill(self.rollouts[i], no_restart=True)
+        self.rollouts[i] = self._start_rollout(self.rollout_bundles[i])
+        if reload_weights and self.version >= 0:
+            payload = self._weights_payload()
+            try:
+                got = ray.get(self.rollouts[i].load_weights_payload.remote(payload), timeout=self.timeout_s)
+            except GetTimeoutError:
+                raise RolloutFailed(f"replacement rollout actor {i}: loading weights took over "
+                                    f"{self.timeout_s:.0f} s") from None
+            except RayActorError as e:
+                self._raise_unless_rollout_died(e, i, "load_weights")
+                raise RolloutFailed(f"replacement rollout actor {i} died loading weights: {_first_line(e)}") from None
+            if got != self.version:
+                raise RolloutFailed(f"replacement rollout actor {i} got weights version {got}, "
+                                    f"the others have {self.version}")
+
+    # -- teardown ----------------------------------------------------------------------------
     def shutdown(self) -> None:
         from ray.util.placement_group import remove_placement_group
 
         for actor in [self.trainer, *self.rollouts]:
-            ray.kill(actor)
+            if actor is not None:
+                ray.kill(actor)
         remove_placement_group(self.pg)
+
+
+def _first_line(e: BaseException) -> str:
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(e)).strip().splitlines()  # Ray colours its messages
+    return text[0][:300] if text else type(e).__name__
+
+
+def _cause(e: BaseException) -> str:
+    """The exception line at the bottom of a remote traceback ("ValueError: ..."), if any."""
+    lines = [ln.strip() for ln in re.sub(r"\x1b\[[0-9;]*m", "", str(e)).splitlines() if ln.strip()]
+    errors = [ln for ln in lines if re.match(r"^[A-Za-z_][\w.]*(Error|Exception)\b.*:", ln)]
+    return (errors[-1] if errors else _first_line(e))[:500]
