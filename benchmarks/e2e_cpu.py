@@ -315,8 +315,8 @@ def main() -> int:
              "generate and forward+backward ran ~10x slower with 2 intra-op threads than with 1 (OpenMP "
              "threads spin while waiting for a core); `--trl-threads 1,2` times both."),
             ("- TRL needs `model.base_model(input_ids, attention_mask).last_hidden_state` (its fused LM "
-             "head); RingLinearModel has no `forward`, so the TRL worker binds a padded one over "
-             "`forward_flat` (same maths)."),
+             "head); `RingLinearModel.forward` provides it (padded in, the flat maths of every engine, "
+             "re-padded out), so TRL runs ring-rl's own model code per token."),
             ("- peer figure (shared/docs/benchmarks.md): TRL 1.16 on a 0.8M-parameter dense Llama at 32x8x4, "
              "0.35-0.47 s/step; the model here is an MoE with reference CPU kernels, so TRL's own time at that "
              "size is not comparable with it, only with ring-rl in the same run."),
