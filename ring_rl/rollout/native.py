@@ -14,11 +14,8 @@ import torch
 
 from ring_rl.model import RingLinearForCausalLM
 from ring_rl.model.stepping import SampleChooser, run_schedule, stack_routes
+from ring_rl.rollout.common import StaleWeightsError, check_version_and_seeds  # noqa: F401 (re-exported)
 from ring_rl.types import RolloutBatch, SamplingParams
-
-
-class StaleWeightsError(RuntimeError):
-    """A rollout was asked for with a weight version the engine does not hold."""
 
 
 class NativeEngine:
@@ -44,11 +41,9 @@ class NativeEngine:
     @torch.no_grad()
     def generate(self, prompts: list[list[int]], params: SamplingParams, expected_version: int | None = None,
                  seeds: list[int] | None = None, group_ids: list[int] | None = None) -> RolloutBatch:
-        if expected_version is not None and expected_version != self.weight_version:
-            raise StaleWeightsError(f"rollout asked for weights v{expected_version}, engine holds v{self.weight_version}")
+        seeds = check_version_and_seeds(self.weight_version, expected_version, params, len(prompts), seeds)
         t0 = time.perf_counter()
         n = len(prompts)
-        seeds = seeds if seeds is not None else [params.seed * 1_000_003 + i for i in range(n)]
         gens = [torch.Generator(device="cpu").manual_seed(s) for s in seeds]
         chooser = SampleChooser(params.temperature, params.top_p, params.top_k, gens, self.eos)
         res = run_schedule(self.model, prompts, params.max_new_tokens, chooser,

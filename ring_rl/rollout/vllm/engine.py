@@ -27,7 +27,7 @@ import torch
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
-from ring_rl.rollout.native import StaleWeightsError
+from ring_rl.rollout.common import StaleWeightsError, check_version_and_seeds  # noqa: F401 (re-exported)
 from ring_rl.types import RolloutBatch, SamplingParams
 
 EXTENSION = "ring_rl.rollout.vllm.extension.RingWorkerExtension"
@@ -94,11 +94,9 @@ class VllmEngine:
     @torch.no_grad()
     def generate(self, prompts: list[list[int]], params: SamplingParams, expected_version: int | None = None,
                  seeds: list[int] | None = None, group_ids: list[int] | None = None) -> RolloutBatch:
-        if expected_version is not None and expected_version != self.weight_version:
-            raise StaleWeightsError(f"rollout asked for weights v{expected_version}, engine holds v{self.weight_version}")
+        seeds = check_version_and_seeds(self.weight_version, expected_version, params, len(prompts), seeds)
         t0 = time.perf_counter()
         n = len(prompts)
-        seeds = seeds if seeds is not None else [params.seed * 1_000_003 + i for i in range(n)]
         self._rpc("ring_set_logits_temperature", params.temperature if params.temperature > 0 else 1.0)
         if self.record_routes:
             self._rpc("ring_routes_begin")
