@@ -29,6 +29,16 @@ class CheckpointError(ValueError):
     """A checkpoint file or tensor that does not fit the model (names what is wrong)."""
 
 
+def read_json_file(path: Path, missing: str = "missing") -> dict:
+    """A checkpoint's JSON file, or CheckpointError naming it (absent, torn or not JSON)."""
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: {missing}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+
+
 def checkpoint_target(name: str) -> tuple[str, int | None, str | None]:
     """Checkpoint tensor name → (model parameter name, expert index, part)."""
     m = _EXPERT.match(name)

@@ -14,7 +14,7 @@ import re
 import shutil
 from pathlib import Path
 
-from ring_rl.model.checkpoint import CheckpointError
+from ring_rl.model.checkpoint import CheckpointError, read_json_file
 from ring_rl.trainer.checkpoint import read_state as read_trainer_state
 
 log = logging.getLogger("ring_rl.train")
@@ -63,12 +63,7 @@ class CheckpointDirs:
     def read_state(ckpt: Path) -> dict:
         """The driver state, refused (CheckpointError naming the file) unless it is complete."""
         path = ckpt / DRIVER_STATE
-        try:
-            state = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise CheckpointError(f"{path}: missing") from None
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+        state = read_json_file(path)
         missing = [k for k in ("step", "stream") if k not in state] if isinstance(state, dict) else ["step"]
         if missing:
             raise CheckpointError(f"{path}: no {missing[0]!r} entry (truncated or not a driver state)")

@@ -21,7 +21,8 @@ from pathlib import Path
 
 import torch
 
-from ring_rl.model.checkpoint import CheckpointError, read_checkpoint, save_checkpoint, load_state_into
+from ring_rl.model.checkpoint import (CheckpointError, load_state_into, read_checkpoint, read_json_file,
+                                      save_checkpoint)
 
 STATE_FILE = "trainer_state.json"
 FORMAT_VERSION = 1
@@ -126,12 +127,7 @@ def commit(staging: Path, final: Path, meta: dict) -> Path:
 def read_state(directory: Path) -> dict:
     """trainer_state.json, with every listed file's checksum verified."""
     path = directory / STATE_FILE
-    try:
-        state = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise CheckpointError(f"{path}: missing (not a trainer checkpoint, or an unfinished one)") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+    state = read_json_file(path, "missing (not a trainer checkpoint, or an unfinished one)")
     if state.get("format") != FORMAT_VERSION:
         raise CheckpointError(f"{path}: format {state.get('format')!r}, expected {FORMAT_VERSION}")
     for name, digest in state["files"].items():

@@ -14,15 +14,11 @@ keeps this file under a minute; GPU cases (marked gpu) repeat them at H=16, K=V=
 """
 from __future__ import annotations
 
-import os
 
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # before the kernels are first imported
-
-from ring_rl.kernels.lightning_attn import (  # noqa: E402
+from ring_rl.kernels.lightning_attn import (
     chunk_lightning_attn_ref,
     lightning_attn,
     lightning_attn_decode,
@@ -31,7 +27,7 @@ from ring_rl.kernels.lightning_attn import (  # noqa: E402
     recurrent_lightning_attn_ref,
     triton_chunk,
 )
-from ring_rl.kernels.lightning_attn.torch_batched import lightning_attn_batched  # noqa: E402
+from ring_rl.kernels.lightning_attn.torch_batched import lightning_attn_batched
 
 GPU = [pytest.mark.gpu,
        pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]

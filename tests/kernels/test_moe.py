@@ -11,16 +11,12 @@ bf16 in both paths, but a 1-ulp flip of h propagates through the down projection
 """
 from __future__ import annotations
 
-import os
 
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # before the kernels are first imported
-
-from ring_rl.kernels.moe import triton_experts  # noqa: E402
-from ring_rl.kernels.moe import (  # noqa: E402
+from ring_rl.kernels.moe import triton_experts
+from ring_rl.kernels.moe import (
     moe_experts,
     moe_experts_ref,
     moe_route,
@@ -33,12 +29,6 @@ from ring_rl.kernels.moe import (  # noqa: E402
 FP32_TOL = 1e-5
 BF16_TOL = 2e-2
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-
-
-@pytest.fixture
-def triton_mode(monkeypatch):
-    """The public functions take the Triton path (on CPU: through the interpreter)."""
-    monkeypatch.setenv("RING_RL_KERNELS", "triton")
 
 
 def assert_close(out, ref, tol=FP32_TOL, name=""):

@@ -8,15 +8,11 @@ shapes in bf16 against the fp32 reference.
 """
 from __future__ import annotations
 
-import os
 
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # before the kernels are first imported
-
-from ring_rl.kernels.rms_norm import (  # noqa: E402
+from ring_rl.kernels.rms_norm import (
     group_rms_norm_gate,
     group_rms_norm_gate_ref,
     rms_norm,
@@ -25,12 +21,6 @@ from ring_rl.kernels.rms_norm import (  # noqa: E402
 
 FP32_TOL = 1e-5
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-
-
-@pytest.fixture
-def triton_mode(monkeypatch):
-    """The public functions take the Triton path (on CPU: through the interpreter)."""
-    monkeypatch.setenv("RING_RL_KERNELS", "triton")
 
 
 def assert_close(out, ref, tol=FP32_TOL, name=""):
