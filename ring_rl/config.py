@@ -80,6 +80,7 @@ class RolloutConfig(_Section):
     cpus_per_actor: float = Field(1.0, ge=0, description="Ray CPUs reserved per rollout actor")
     gpus_per_actor: float = Field(0.0, ge=0, description="Ray GPUs reserved per rollout actor")
     tensor_parallel_size: int = Field(1, ge=1, description="vLLM tensor parallel size per actor")
+    gpu_memory_utilization: float = Field(0.4, gt=0, lt=1, description="vLLM on a GPU: share of the card's memory it takes (weights, KV cache, state slots); the rest is a colocated trainer's")
     seed: int = Field(0, description="sampling seed (combined with step and actor rank)")
 
 

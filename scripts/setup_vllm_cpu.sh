@@ -7,8 +7,8 @@
 # Traps (see ../shared/docs/vllm.md): PyPI has only CUDA builds of torchvision/torchaudio/
 # torchcodec; beside the CPU torch they break `from vllm import LLM` ("operator
 # torchvision::nms does not exist"), so they are removed. ring-rl goes in with --no-deps
-# (its pins -- deepspeed, ray, transformers -- would replace vLLM's); the few runtime deps
-# the model and the rollout engine need are listed below.
+# (its pins -- ray, transformers -- would replace vLLM's); the runtime deps the model, the
+# rollout engine and align-check's trainer side need are listed below.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="${RING_RL_VLLM_VENV:-$ROOT/.venv-vllm}"
@@ -33,6 +33,8 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   echo "[setup-vllm] ring-rl (editable, no deps) and the model's runtime deps"
   "${pip[@]}" --no-deps -e "$ROOT"
   "${pip[@]}" "safetensors>=0.4" "tokenizers>=0.21" "pydantic>=2.7" "pyyaml>=6" "pytest>=8" "pytest-timeout>=2.3"
+  # align-check --engine vllm: the DeepSpeed trainer side, its data loader and its report.
+  DS_BUILD_OPS=0 "${pip[@]}" "deepspeed==0.19.8" "datasets==5.2.0" "matplotlib>=3.8"
   # The result must still be the CPU torch (a dependency resolver could have swapped it).
   "$VENV/bin/python" - <<'PY'
 import torch, vllm

@@ -307,7 +307,8 @@ def cli_main(args) -> int:
     if injection is not None and args.engine != "native":
         raise ValueError(f"--inject {injection.name}: injections swap the native model's ops; use --engine native")
     try:
-        rollout = make_rollout_side(args.engine, args.model, rollout_ops(injection), args.device)
+        dtype = None if args.rollout_dtype == "auto" else args.rollout_dtype
+        rollout = make_rollout_side(args.engine, args.model, rollout_ops(injection), args.device, dtype)
     except EngineUnavailable as e:
         print(f"ring-rl align-check: {e}", file=sys.stderr)
         return 2

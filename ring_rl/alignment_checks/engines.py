@@ -2,8 +2,8 @@
 
 A rollout side samples responses and reports its logprobs and expert choices (a
 `RolloutBatch`), plus — when it can — a `Trace` of every op it ran. The native engine runs
-the model's own code, so it is traced directly; the vLLM engine plugs in here once ring-rl's
-vLLM model plugin exists (`make_rollout_side` says so until then).
+the model's own code, so it is traced directly; the vLLM engine runs the same model code
+inside vLLM (ring-rl's plugin) and is traced from inside its worker (`rollout.vllm.trace`).
 
 The trainer side is the trainer exactly as GRPO uses it: `TrainerEngine` (DeepSpeed,
 fp32 master weights) scores the rollout's tokens with `compute_logprobs`; its trace comes
@@ -46,10 +46,12 @@ class NativeRollout:
 
     name = "native"
 
-    def __init__(self, model_dir: str | os.PathLike, ops: ModelOps = DEFAULT_OPS, device: str = "cpu"):
+    def __init__(self, model_dir: str | os.PathLike, ops: ModelOps = DEFAULT_OPS, device: str = "cpu",
+                 dtype: str | None = None):
         from ring_rl.rollout.native import NativeEngine
 
-        self.model = load_checkpoint(model_dir, ops=ops).to(device)
+        torch_dtype = {None: None, "fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
+        self.model = load_checkpoint(model_dir, dtype=torch_dtype, ops=ops).to(device)
         eos = self.model.config.eos_token_id
         self.engine = NativeEngine(self.model, eos if isinstance(eos, list) else [eos])
         self.compute_dtype = self.model.lm_head.weight.dtype
@@ -61,17 +63,45 @@ class NativeRollout:
         return RolloutRun(batch, rec.finish())
 
 
+class VllmRollout:
+    """vLLM with ring-rl's model plugin, in the model's dtype from config.json (torch_dtype)."""
+
+    name = "vllm"
+
+    def __init__(self, model_dir: str | os.PathLike, device: str = "cpu", dtype: str | None = None,
+                 gpu_memory_utilization: float = 0.4, engine=None):
+        from ring_rl.model import load_model_config
+        from ring_rl.rollout.vllm.engine import VllmEngine
+
+        config = load_model_config(model_dir)
+        if dtype is None:  # the checkpoint's own dtype, as NativeRollout's load_checkpoint takes it
+            saved = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+            dtype = "bf16" if str(saved).endswith("bfloat16") else "fp32"
+        eos = config.eos_token_id
+        self.engine = engine or VllmEngine(model_dir, eos if isinstance(eos, list) else [eos], dtype=dtype,
+                                           device=device, gpu_memory_utilization=gpu_memory_utilization)
+        self.compute_dtype = torch.bfloat16 if dtype == "bf16" else torch.float32
+        self.notes: list[str] = []
+
+    def run(self, prompts: list[list[int]], params: SamplingParams) -> RolloutRun:
+        batch = self.engine.generate(prompts, params, trace=True)
+        if self.engine.last_partial_ops:
+            self.notes.append("vLLM ran decodes and prefills in one step: ops inside the lightning mixer "
+                              f"({', '.join(self.engine.last_partial_ops)}) are compared on the other steps' tokens")
+        return RolloutRun(batch, self.engine.last_trace)
+
+
 def make_rollout_side(engine: str, model_dir: str | os.PathLike, ops: ModelOps = DEFAULT_OPS,
-                      device: str = "cpu") -> RolloutSide:
+                      device: str = "cpu", dtype: str | None = None) -> RolloutSide:
     if engine == "native":
-        return NativeRollout(model_dir, ops, device)
+        return NativeRollout(model_dir, ops, device, dtype)
     if engine == "vllm":
         try:
             import vllm  # noqa: F401
-            why = "ring-rl's vLLM model plugin has not landed yet (use --engine native)"
         except ImportError as e:
-            why = f"the vllm package cannot be imported ({e}); and ring-rl's vLLM plugin has not landed yet"
-        raise EngineUnavailable(f"vLLM engine not available: {why}")
+            raise EngineUnavailable(f"vLLM engine not available: the vllm package cannot be imported ({e}); "
+                                    "on CPU use .venv-vllm (scripts/setup_vllm_cpu.sh)") from None
+        return VllmRollout(model_dir, device, dtype)
     raise ValueError(f"--engine {engine!r}: expected native or vllm")
 
 

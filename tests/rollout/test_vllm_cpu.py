@@ -162,3 +162,26 @@ def test_weight_update_switches_to_the_new_weights(engine, checkpoints):
         engine.load_weights(old.state_dict(), version=engine.weight_version + 1)
     again = engine.generate(prompts, greedy)
     assert [r.tolist() for r in again.response_ids] == [r.tolist() for r in before.response_ids]
+
+
+def test_align_check_traces_every_op_inside_vllm(engine, checkpoints):
+    """`ring-rl align-check --engine vllm`: the DeepSpeed trainer against vLLM, op by op. Every
+    op of every layer is traced inside vLLM's worker and lines up with the trainer's rows
+    (fp32: nothing above the noise floor); the sampled logprobs are vLLM's raw logprobs."""
+    from ring_rl.alignment_checks.align_check import run_align_check
+    from ring_rl.alignment_checks.engines import TrainerSide, VllmRollout
+    from ring_rl.alignment_checks.trace import HEAD_OPS
+
+    config = load_checkpoint(checkpoints[0]).config
+    params = SamplingParams(temperature=0.7, top_k=20, max_new_tokens=10, seed=5)
+    res = run_align_check(VllmRollout(checkpoints[0], engine=engine), TrainerSide(checkpoints[0]), config,
+                          _prompts(12, seed=6), params)
+    seen = {(d.layer, d.op) for d in res.ops}
+    for i in range(config.num_hidden_layers):
+        want = {"input_norm", "attention", "post_norm", "mlp", "hidden"}
+        want |= {"rotary"} | (set() if config.is_softmax_layer(i) else {"attn_core", "out_gate"})
+        assert {(i, op) for op in want} <= seen, f"layer {i}: {sorted(op for l, op in seen if l == i)}"
+    assert {(None, op) for op in HEAD_OPS} <= seen
+    assert res.first is None, res.first
+    assert res.metrics["align/abs_delta_mean"] < MEAN_TOL and res.metrics["router/flip_mean"] == 0
+    assert res.sampling_check["consistent"], res.sampling_check["summary"]

@@ -13,9 +13,12 @@ Same three calls as `NativeEngine` (`generate`, `load_weights`, `weight_version`
 - weights: in memory, no disk: safetensors bytes through `collective_rpc` into vLLM's
   in-place `reload_weights`, then the prefix cache is reset; the version moves with them.
 
-Supported: vllm-cpu 0.32.0 on CPU (the separate `.venv-vllm`, scripts/setup_vllm_cpu.sh),
-one process (`VLLM_ENABLE_V1_MULTIPROCESSING=0` by default on CPU), eager mode, no tensor
-parallelism. The GPU side (vLLM 0.26, CUDA IPC/NCCL weight sync) is not done yet.
+Supported: vllm-cpu 0.32.0 on CPU (the separate `.venv-vllm`, scripts/setup_vllm_cpu.sh) and
+vLLM 0.26.0 on CUDA (scripts/device_vllm.sh stages it on the GPU machine); the engine core in
+this process (`VLLM_ENABLE_V1_MULTIPROCESSING=0` by default), eager mode, no tensor
+parallelism, vLLM's V1 model runner (the one it picks for hybrid models). On a GPU, vLLM takes
+`gpu_memory_utilization` of the card (a memory split with a colocated trainer); weights still
+travel as bytes through the object store (no CUDA IPC / NCCL broadcast yet).
 """
 from __future__ import annotations
 
@@ -40,15 +43,26 @@ CPU_ENV_DEFAULTS = {
     "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
     "TORCHDYNAMO_DISABLE": "1",
 }
+# The same on a GPU: one process (the RPCs and the model are local; no spawned engine core
+# that would need the plugin's entry point installed), the V1 runner, and torch's sampler
+# rather than FlashInfer's (whose first-use JIT build took ~3 minutes on the H100).
+GPU_ENV_DEFAULTS = {
+    "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+    "VLLM_USE_V2_MODEL_RUNNER": "0",
+    "VLLM_USE_FLASHINFER_SAMPLER": "0",
+}
 
 
 class VllmEngine:
     def __init__(self, model_dir: str | os.PathLike, eos_token_ids: list[int], dtype: str = "fp32",
                  device: str = "cpu", max_model_len: int = 2048, seed: int = 0, weight_version: int = 0,
-                 record_routes: bool = True, enable_prefix_caching: bool = False, **llm_kwargs):
+                 record_routes: bool = True, enable_prefix_caching: bool = False,
+                 gpu_memory_utilization: float = 0.4, ignore_eos: bool = False, **llm_kwargs):
+        for key, value in (CPU_ENV_DEFAULTS if device == "cpu" else GPU_ENV_DEFAULTS).items():
+            os.environ.setdefault(key, value)
+        if device != "cpu":
+            llm_kwargs.setdefault("gpu_memory_utilization", gpu_memory_utilization)
         if device == "cpu":
-            for key, value in CPU_ENV_DEFAULTS.items():
-                os.environ.setdefault(key, value)
             # vllm-cpu 0.32 crashes when a seeded request's step is a partial (chunked) prefill:
             # gpu_model_runner.py `_bookkeeping_sync` rewinds its generator with
             # `gen.set_offset`, which CPU generators refuse ("CPU Generator does not use
@@ -60,6 +74,9 @@ class VllmEngine:
         except ImportError as e:
             raise ImportError(f"rollout.engine=vllm: vLLM cannot be imported here ({e}); on CPU run in "
                               f".venv-vllm (scripts/setup_vllm_cpu.sh)") from e
+        from ring_rl.rollout.vllm.plugin import register
+
+        register()  # what the entry point does; here too, for a checkout that is not pip-installed
         t0 = time.perf_counter()
         self.llm = LLM(
             model=str(Path(model_dir)), dtype={"fp32": "float32", "bf16": "bfloat16"}[dtype],
@@ -69,8 +86,20 @@ class VllmEngine:
         self.startup_s = time.perf_counter() - t0
         self.eos = sorted(set(eos_token_ids))
         self.record_routes = record_routes
+        self.ignore_eos = ignore_eos  # benchmarks: every sequence runs to max_new_tokens
         self.weight_version = weight_version
         self.last_stats: dict[str, float] = {}
+        self.last_trace, self.last_partial_ops = None, []
+
+    def _take_trace(self, outs, prompt_lens: list[int]):
+        import io
+
+        from ring_rl.alignment_checks.trace import Trace
+        from ring_rl.rollout.vllm.trace import remap
+
+        raw = torch.load(io.BytesIO(self._rpc("ring_trace_take")[0]), weights_only=True)
+        self.last_partial_ops = raw["partial_ops"]
+        return remap(Trace(raw["values"], {}), raw["rid_index"], _prompt_order(outs), prompt_lens)
 
     def _rpc(self, method: str, *args):
         return self.llm.collective_rpc(method, args=args)
@@ -89,20 +118,28 @@ class VllmEngine:
         return VllmSamplingParams(
             temperature=1.0 if params.temperature > 0 else 0.0,  # T itself is in the logits
             top_p=params.top_p, top_k=params.top_k, max_tokens=params.max_new_tokens, seed=seed,
-            logprobs=0, stop_token_ids=self.eos, detokenize=False)
+            logprobs=0, stop_token_ids=[] if self.ignore_eos else self.eos, ignore_eos=self.ignore_eos,
+            detokenize=False)
 
     @torch.no_grad()
     def generate(self, prompts: list[list[int]], params: SamplingParams, expected_version: int | None = None,
-                 seeds: list[int] | None = None, group_ids: list[int] | None = None) -> RolloutBatch:
+                 seeds: list[int] | None = None, group_ids: list[int] | None = None,
+                 trace: bool = False) -> RolloutBatch:
+        """trace=True (align-check): every op's output is recorded too, into `self.last_trace`
+        (a `Trace` keyed by prompt index) and `self.last_partial_ops`."""
         seeds = check_version_and_seeds(self.weight_version, expected_version, params, len(prompts), seeds)
         t0 = time.perf_counter()
         n = len(prompts)
         self._rpc("ring_set_logits_temperature", params.temperature if params.temperature > 0 else 1.0)
         if self.record_routes:
             self._rpc("ring_routes_begin")
+        if trace:
+            self._rpc("ring_trace_begin")
         outs = self.llm.generate([{"prompt_token_ids": list(p)} for p in prompts],
                                  [self._vllm_params(params, s) for s in seeds], use_tqdm=False)
         routes = _by_request(load_safetensors(self._rpc("ring_routes_take")[0])) if self.record_routes else None
+        if trace:
+            self.last_trace = self._take_trace(outs, [len(p) for p in prompts])
         responses, logprobs, reasons, router_ids = [], [], [], []
         for o in outs:
             c = o.outputs[0]
@@ -111,7 +148,10 @@ class VllmEngine:
                                          dtype=torch.float32))
             reasons.append("eos" if c.finish_reason == "stop" else "length")
             if routes is not None:
-                router_ids.append(routes.get(o.request_id))
+                # Positions 0 .. P+R-2 were fed; with async scheduling vLLM may also have run
+                # the last sampled token before it saw the request finish: not part of the rollout.
+                r = routes.get(o.request_id)
+                router_ids.append(None if r is None else r[:, : len(o.prompt_token_ids) + len(c.token_ids) - 1])
         batch = RolloutBatch(
             prompt_ids=[torch.tensor(p, dtype=torch.long) for p in prompts],
             response_ids=responses, logprobs=logprobs, finish_reasons=reasons,
@@ -123,6 +163,10 @@ class VllmEngine:
         elapsed = time.perf_counter() - t0
         self.last_stats = {"rollout_s": elapsed, "rollout_tokens_per_s": batch.num_response_tokens / max(elapsed, 1e-9)}
         return batch
+
+
+def _prompt_order(outs) -> dict[str, int]:
+    return {o.request_id: i for i, o in enumerate(outs)}
 
 
 def _by_request(routes: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

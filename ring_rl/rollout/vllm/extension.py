@@ -11,9 +11,12 @@ safetensors bytes: vLLM's RPC serialises raw tensor arguments as lists in multi-
 - `ring_routes_begin` / `ring_routes_take`: the experts each MoE layer chose for every token
   the model ran, per request. vLLM 0.32's own routed-experts capture needs Model Runner V2
   (Triton), which the CPU build lacks, so the model records them itself (`RouteRecorder`).
+- `ring_trace_begin` / `ring_trace_take`: every op's output per request and position, for
+  align-check (`trace.VllmRecorder`); returned as `torch.save` bytes.
 """
 from __future__ import annotations
 
+import io
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 
@@ -84,3 +87,24 @@ class RingWorkerExtension:
         recorder, model.route_recorder = model.route_recorder, None
         routes = recorder.take() if recorder is not None else {}
         return save_safetensors({rid: t.contiguous() for rid, t in routes.items()})
+
+    def ring_trace_begin(self) -> None:
+        from ring_rl.alignment_checks.trace import tracing
+        from ring_rl.rollout.vllm.trace import VllmRecorder
+
+        model, runner = self._ring_model(), self.model_runner
+        rec = VllmRecorder(lambda: runner.input_batch.req_ids)
+        ctx = tracing(model, rec)
+        ctx.__enter__()
+        model.step_tracer = rec
+        self._ring_trace = (ctx, rec)
+
+    def ring_trace_take(self) -> bytes:
+        """torch.save bytes {"values", "rid_index", "partial_ops"}; stops tracing."""
+        ctx, rec = self._ring_trace
+        self._ring_model().step_tracer = None
+        ctx.__exit__(None, None, None)
+        trace = rec.finish()
+        buf = io.BytesIO()
+        torch.save({"values": trace.values, "rid_index": rec.rid_index, "partial_ops": sorted(rec.partial_ops)}, buf)
+        return buf.getvalue()

@@ -190,8 +190,10 @@ class RingLinearVllmForCausalLM(nn.Module, HasInnerState, IsHybrid):
         # vLLM then samples at T=1 and its raw logprobs are log_softmax(logits / T) before
         # top-k/top-p -- the trainer's definition (ring_rl.model.sampling).
         self.logits_temperature = 1.0
-        # Set by the engine (extension.RouteRecorder) while it wants each token's experts.
+        # Set by the engine (extension.RouteRecorder) while it wants each token's experts, and
+        # (trace.VllmRecorder) while align-check traces every op.
         self.route_recorder = None
+        self.step_tracer = None
 
     # -- vLLM's model interface --------------------------------------------------------------
     def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -202,6 +204,9 @@ class RingLinearVllmForCausalLM(nn.Module, HasInnerState, IsHybrid):
         if input_ids is None:
             raise NotImplementedError("RingLinearVllmForCausalLM: prompt embeddings are not supported")
         n = input_ids.shape[0]
+        meta = _layer_metadata(self._state_layer_names[0]) if self._state_layer_names else None
+        if self.step_tracer is not None and meta is not None:  # a real step, not a dummy run
+            self.step_tracer.set_step(positions, meta.query_start_loc)
         # Layers with vLLM metadata take their batch layout from it; this SeqBatch (one
         # sequence, no cache) is what they run on in vLLM's metadata-free dummy runs.
         batch = SeqBatch(torch.tensor([0, n], dtype=torch.int32, device=input_ids.device), positions, n)
@@ -210,10 +215,8 @@ class RingLinearVllmForCausalLM(nn.Module, HasInnerState, IsHybrid):
             capture = getattr(layer.mlp, "capture_fn", None)
             if capture is not None:
                 capture(out.router_ids[layer.layer_idx])
-        if self.route_recorder is not None and out.router_ids:
-            meta = _layer_metadata(self._state_layer_names[0]) if self._state_layer_names else None
-            if meta is not None:  # a real step, not a dummy run
-                self.route_recorder.record(positions, out.router_ids, meta.query_start_loc)
+        if self.route_recorder is not None and out.router_ids and meta is not None:
+            self.route_recorder.record(positions, out.router_ids, meta.query_start_loc)
         return out.hidden
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
