@@ -8,6 +8,9 @@ to fp32 rounding: max error <= 1e-5 of the largest reference value (the paths di
 summation order over <= 1000 terms). GPU tests (marked gpu) repeat at Ring-mini shapes in bf16
 against the fp32 reference: 2e-2 of the largest value (a few bf16 ulps; h and o are rounded to
 bf16 in both paths, but a 1-ulp flip of h propagates through the down projection).
+The switchable paths are tested the same way: the backward's torch._grouped_mm variants
+(triton_experts.BWD_GEMMS; on CPU torch's per-group loop), the Triton counting-sort plan
+(PLAN; bitwise the torch plan) and the router's split gate-weight gradient (DW_SPLIT_ROWS).
 """
 from __future__ import annotations
 
@@ -15,7 +18,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ring_rl.kernels.moe import triton_experts
+from ring_rl.kernels.moe import triton_experts, triton_experts_bwd, triton_router
 from ring_rl.kernels.moe import (
     moe_experts,
     moe_experts_ref,
@@ -223,11 +226,16 @@ def test_experts_match_reference(triton_mode, monkeypatch, t, h, inter, e, k, fu
     check_experts(expert_inputs(t, h, inter, e, k, seed=t))
 
 
+def ids_avoiding(t, e, k, idle, seed):
+    """ids [t, k]: k distinct experts per token, none of them in `idle`."""
+    gen = torch.Generator().manual_seed(seed)
+    busy = torch.tensor([x for x in range(e) if x not in idle])
+    return torch.stack([busy[torch.randperm(len(busy), generator=gen)[:k]] for _ in range(t)])
+
+
 def test_experts_with_idle_experts(triton_mode):
     """Experts 0, 5, 6, 7 of 8 get no token: their weight gradients must be exact zeros."""
-    gen = torch.Generator().manual_seed(4)
-    busy = torch.tensor([1, 2, 3, 4])
-    ids = torch.stack([busy[torch.randperm(4, generator=gen)[:2]] for _ in range(40)])
+    ids = ids_avoiding(40, 8, 2, (0, 5, 6, 7), seed=4)
     got = check_experts(expert_inputs(40, 48, 32, 8, 2, seed=4, ids=ids))
     for g in got[3:]:
         assert not g[[0, 5, 6, 7]].any() and g[1:5].abs().amin(dim=(1, 2)).gt(0).all()
@@ -260,6 +268,69 @@ def test_experts_deterministic_and_batch_invariant(triton_mode):
     assert torch.equal(y_part, first[0][:1])
 
 
+@pytest.mark.parametrize("mode", ["gmm_dw", "gmm_dw_dx", "gmm_all"])
+@pytest.mark.parametrize("t,h,inter,e,k,fused", [(37, 40, 48, 8, 3, False),
+                                                 (29, 40, 48, 6, 2, True),
+                                                 (21, 42, 30, 6, 2, False)])
+def test_experts_backward_variants(triton_mode, monkeypatch, mode, t, h, inter, e, k, fused):
+    """The torch._grouped_mm backward paths with the Triton plan, against the reference;
+    experts 0 and e-1 idle (exact zero weight gradients); bitwise reproducible. The G GEMM
+    runs with BLOCK_N 16, BLOCK_K 32: three column blocks (the first copies the dy rows, the
+    last the x rows, the middle one neither) and a ragged K. h=42 fp32 rows are not 16-byte
+    multiples: grouped_mm cannot take them, and the Triton kernels must run instead."""
+    monkeypatch.setattr(triton_experts, "BWD_GEMMS", mode)
+    monkeypatch.setattr(triton_experts, "PLAN", "triton")
+    monkeypatch.setattr(triton_experts, "DOWN_BWD_FUSED", fused)
+    monkeypatch.setitem(triton_experts.CONFIGS, "down_bwd", (16, 16, 32, 4, 1))
+    assert triton_experts_bwd.grouped_mm_ok(torch.zeros(1), h, inter) == (h != 42)
+    inputs = expert_inputs(t, h, inter, e, k, seed=t, ids=ids_avoiding(t, e, k, (0, e - 1), t))
+    got = check_experts(inputs)
+    for g in got[3:]:
+        assert not g[[0, e - 1]].any()
+    again = run_experts(moe_experts, *inputs)
+    for name, a, b in zip(EXPERT_NAMES, got, again):
+        assert torch.equal(a, b), f"{name} not bitwise reproducible"
+
+
+def assert_same_plans(monkeypatch, ids, e):
+    """The Triton plan (counting sort, tile kernel) equals the torch plan bitwise (tiles past
+    the last: same expert E, their row is unused)."""
+    monkeypatch.setattr(triton_experts, "PLAN", "torch")
+    want = triton_experts.make_plan(ids, e)
+    monkeypatch.setattr(triton_experts, "PLAN", "triton")
+    got = triton_experts.make_plan(ids, e)
+    assert got.method == "triton" and want.method == "torch"
+    for name in ("tokens", "slots", "offsets", "inverse", "by_load", "ends"):
+        assert torch.equal(getattr(got, name), getattr(want, name)), name
+    for bm in (16, 128):
+        (te, tr), (te_ref, tr_ref) = got.tiles(bm), want.tiles(bm)
+        live = te_ref < e
+        assert torch.equal(te, te_ref) and torch.equal(tr[live], tr_ref[live]), bm
+
+
+@pytest.mark.parametrize("t,k,e", [(1, 2, 5), (37, 3, 8), (300, 8, 24), (129, 4, 256)])
+def test_plan_counting_sort_matches_torch(triton_mode, monkeypatch, t, k, e):
+    assert_same_plans(monkeypatch, ids_avoiding(t, e, k, (1,), seed=e), e)
+
+
+@pytest.mark.parametrize("t,split_rows", [(1000, 64), (130, 64)])
+def test_router_dw_split_matches_reference(triton_mode, monkeypatch, t, split_rows):
+    """The gate-weight gradient split over the tokens (8 ranges and 2, the last ragged),
+    partials summed in order: fp32-accurate and reproducible; the forward never splits."""
+    gen = torch.Generator().manual_seed(9)
+    x = rnd(gen, t, 100).requires_grad_()
+    w = rnd(gen, 24, 100, scale=0.2).requires_grad_()
+    dl = rnd(gen, t, 24)
+    unsplit = router_logits(x, w)
+    monkeypatch.setattr(triton_router, "DW_SPLIT_ROWS", split_rows)
+    assert triton_router.dw_splits(t) == min(8, t // split_rows) > 1
+    logits = router_logits(x, w)
+    assert torch.equal(logits, unsplit)
+    dw = torch.autograd.grad((logits * dl).sum(), w)[0]
+    assert_close(dw, torch.autograd.grad((router_logits_ref(x, w) * dl).sum(), w)[0], name="dw")
+    assert torch.equal(dw, torch.autograd.grad((router_logits(x, w) * dl).sum(), w)[0])
+
+
 def test_permutation_is_stable_and_inverts():
     ids = torch.tensor([[3, 1], [1, 0], [3, 2], [1, 3]])
     order, offsets = permute_by_expert(ids, 5)
@@ -284,7 +355,10 @@ MINI = dict(h=2048, e=256, inter=512, k=8, n_group=8, topk_group=4)
 
 @gpu
 @pytest.mark.gpu
-def test_gpu_router_logits_and_route():
+@pytest.mark.parametrize("split_rows", [0, 1024])
+def test_gpu_router_logits_and_route(monkeypatch, split_rows):
+    """split_rows: the gate-weight gradient unsplit, or in 4 token ranges."""
+    monkeypatch.setattr(triton_router, "DW_SPLIT_ROWS", split_rows)
     gen = torch.Generator().manual_seed(10)
     t, h, e = 4096, MINI["h"], MINI["e"]
     x = rnd(gen, t, h, device="cuda", dtype=torch.bfloat16).requires_grad_()
@@ -299,6 +373,8 @@ def test_gpu_router_logits_and_route():
     ref = torch.autograd.grad((want * dl).sum(), (x, w))
     assert_close(got[0], ref[0], BF16_TOL, "dx")     # dx is rounded to bf16
     assert_close(got[1], ref[1], 1e-4, "dw")
+    again = torch.autograd.grad((router_logits(x, w) * dl).sum(), (x, w))
+    assert torch.equal(got[0], again[0]) and torch.equal(got[1], again[1]), "not reproducible"
     bias = rnd(gen, e, scale=0.1, device="cuda")
     args = (MINI["k"], MINI["n_group"], MINI["topk_group"], 2.5)
     wts, ids = moe_route(logits.detach(), bias, *args)
@@ -311,10 +387,20 @@ def test_gpu_router_logits_and_route():
 
 @gpu
 @pytest.mark.gpu
-@pytest.mark.parametrize("t,fused", [(1, True), (2048, True), (2048, False)])
-def test_gpu_experts_bf16(monkeypatch, t, fused):
-    """Skewed routing through the real router (bias drawn wide: idle and crowded experts)."""
+@pytest.mark.parametrize("t,fused,mode", [(1, True, "triton"), (2048, True, "triton"),
+                                          (2048, False, "triton"), (2048, False, "gmm_dw"),
+                                          (2048, True, "gmm_dw"), (2048, False, "gmm_dw_dx"),
+                                          (2048, False, "gmm_all"), (1, False, "gmm_dw_dx")])
+def test_gpu_experts_bf16(monkeypatch, t, fused, mode):
+    """Skewed routing through the real router (bias drawn wide: idle and crowded experts).
+    mode: triton_experts.BWD_GEMMS (the grouped_mm ones with the Triton plan). Idle experts
+    must get exact zero weight gradients: at t=1, 248 of the 256 grouped_mm dW groups are
+    empty."""
     monkeypatch.setattr(triton_experts, "DOWN_BWD_FUSED", fused)
+    monkeypatch.setattr(triton_experts, "BWD_GEMMS", mode)
+    monkeypatch.setattr(triton_experts, "PLAN", "torch" if mode == "triton" else "triton")
+    if mode != "triton" and torch.cuda.get_device_capability()[0] != 9:
+        pytest.skip("the grouped_mm backward runs on sm90 only (elsewhere it is the Triton one)")
     gen = torch.Generator().manual_seed(11)
     h, e, inter, k = MINI["h"], MINI["e"], MINI["inter"], MINI["k"]
     logits = rnd(gen, t, e, device="cuda")
@@ -329,3 +415,18 @@ def test_gpu_experts_bf16(monkeypatch, t, fused):
         assert torch.equal(a, b), f"{name} not bitwise reproducible"
     y1 = moe_experts(x[:1], ids[:1], w[:1], wgu, wd)
     assert torch.equal(y1, first[0][:1]), "forward not batch invariant"
+    idle = torch.bincount(ids.reshape(-1), minlength=e) == 0
+    assert idle.any()
+    for name, g in zip(EXPERT_NAMES[3:], first[3:]):
+        assert not g[idle].any(), f"{name}: idle experts got non-zero gradients"
+
+
+@gpu
+@pytest.mark.gpu
+def test_gpu_plan_counting_sort_matches_torch(monkeypatch):
+    gen = torch.Generator().manual_seed(12)
+    t, e = 16384, MINI["e"]
+    logits = rnd(gen, t, e, device="cuda")
+    bias = rnd(gen, e, scale=0.3, device="cuda")
+    _, ids = moe_route(logits, bias, MINI["k"], MINI["n_group"], MINI["topk_group"], 2.5)
+    assert_same_plans(monkeypatch, ids, e)

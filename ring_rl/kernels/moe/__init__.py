@@ -15,10 +15,12 @@ plain-PyTorch reference on CPU tensors. The Triton path:
 - moe_route: the selection runs in one Triton kernel, the weights in another with an analytic
   backward (`triton_router.py`); the weights are the same bits as the reference's (same fp32
   operations, same order), their gradient equal to fp32 rounding.
-- moe_experts: stable sort of the slots by expert, then grouped Triton GEMMs with gathered
-  rows and a fused SwiGLU epilogue, and a per-token gather-combine (`triton_experts.py`,
-  backward in `triton_experts_bwd.py`). torch._grouped_mm is not used: with the permuted copy
-  of x it needs, it is slower than our gather-in-the-load kernel (benchmarks/results/moe.md).
+- moe_experts: stable sort of the slots by expert (torch.sort, or a Triton counting sort:
+  `triton_experts.PLAN`), then grouped Triton GEMMs with gathered rows and a fused SwiGLU
+  epilogue, and a per-token gather-combine (`triton_experts.py`, backward in
+  `triton_experts_bwd.py`). The forward never uses torch._grouped_mm (it needs a permuted copy
+  of x, and our fixed tiles keep the forward batch invariant); the backward can run its GEMMs
+  through it (`triton_experts.BWD_GEMMS`; benchmarks/results/moe.md has the timings).
   No float atomics anywhere: every output element is written by one program, weight
   gradients are per-expert GEMMs over that expert's rows, and the per-token sums run in a
   fixed order -- so results are bitwise reproducible.
@@ -72,11 +74,16 @@ class RouterLogitsFunction(torch.autograd.Function):
         # dx is rounded to x's dtype: below fp32, the bf16-split tensor-core product is
         # plenty (and ~10x faster than the IEEE FMA dot).
         exact = x.dtype == torch.float32
-        dx = k.matmul_fp32(dl, w, exact).to(x.dtype) if ctx.needs_input_grad[0] else None
-        # dW = dl^T x reduces over the tokens: smaller tiles give more programs (E is small).
+        dx = None
+        if ctx.needs_input_grad[0]:
+            bm, bn, warps = k.DX_TILES
+            dx = k.matmul_fp32(dl, w, exact, tiles=(bm, bn), warps=warps).to(x.dtype)
+        # dW = dl^T x reduces over the tokens and has few outputs (E x H): small tiles and a
+        # deterministic split over the tokens give enough programs (triton_router.dw_splits).
         dw = None
-        if ctx.needs_input_grad[1]:   # reduces over tokens; small tiles: more programs
-            dw = k.matmul_fp32(dl.T, x, tiles=(64, 64)).to(w.dtype)
+        if ctx.needs_input_grad[1]:
+            dw = k.matmul_fp32(dl.T, x, tiles=(64, 64),
+                               splits=k.dw_splits(x.shape[0])).to(w.dtype)
         return dx, dw
 
 

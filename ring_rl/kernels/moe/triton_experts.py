@@ -14,6 +14,8 @@ Backward (triton_experts_bwd.py): G = dy[tok] @ Wd, then the SwiGLU backward (dg
 Saved for the backward: x, the weights and gu [T*k, 2I] (h is recomputed from gu).
 Determinism: every output element is written by exactly one program, weight gradients loop
 over the expert's rows in order (no split-K), per-token sums run j = 0..k-1: no atomics.
+The backward's GEMMs can also run through torch._grouped_mm (BWD_GEMMS, see
+triton_experts_bwd.py); the forward always runs these kernels (batch invariance: fixed tiles).
 """
 from __future__ import annotations
 
@@ -22,6 +24,8 @@ from dataclasses import dataclass, field
 import torch
 import triton
 import triton.language as tl
+
+from ring_rl.kernels.moe import triton_plan
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) per kernel; chosen on an H100 with
 # `benchmarks/moe.py --sweep` (see benchmarks/results/moe.md). Tests may shrink them.
@@ -40,6 +44,18 @@ LAUNCHED = {}   # the last compiled kernel of each launcher (register / spill co
 # Unfused is faster on an H100 (0.86 vs 1.28 ms at Ring-mini shapes: the fused epilogue
 # spills registers at every tile size tried; benchmarks/results/moe.md).
 DOWN_BWD_FUSED = False
+# Which backward GEMMs run through torch._grouped_mm (CUTLASS grouped GEMM on sm90, bf16;
+# elsewhere these paths fall back to "triton"; on CPU torch's per-group loop, for tests):
+#   "triton"     all Triton (rows gathered in the loads, no sorted copies);
+#   "gmm_dw"     both weight gradients (dW_e = A_e^T B_e with offs over the rows); the
+#                down-backward GEMM writes the x and dy rows it gathers in expert order;
+#   "gmm_dw_dx"  as gmm_dw, and dx too (sorted output, combined through the inverse perm.);
+#   "gmm_all"    x and dy rows gathered by index_select, then G, dx and both dW grouped_mm.
+# Deterministic either way: CUTLASS's grouped kernel gives every output tile to one CTA
+# with the whole K loop (no split-K, no atomics). benchmarks/results/moe.md has the timings.
+BWD_GEMMS = "triton"
+# Expert plan: "torch" (torch.sort + small ops) or "triton" (counting sort, triton_plan.py).
+PLAN = "torch"
 
 
 @dataclass
@@ -51,38 +67,71 @@ class ExpertPlan:
     tokens: torch.Tensor          # int32 [N]: token of each sorted row
     slots: torch.Tensor           # int32 [N]: slot (t*k + j) of each sorted row
     offsets: torch.Tensor         # int32 [E+1]
-    by_load: torch.Tensor         # int32 [E]: experts, most rows first (weight-gradient order)
-    _tiles: dict = field(default_factory=dict)
+    method: str = "torch"         # how tiles() is computed ("torch" or "triton")
+    _inverse: torch.Tensor | None = None
+    _cache: dict = field(default_factory=dict)
 
     @property
     def num_rows(self) -> int:
         return self.num_tokens * self.top_k
 
+    @property
+    def inverse(self) -> torch.Tensor:
+        """int32 [N]: the sorted row of each slot (slot order -> sorted order)."""
+        if self._inverse is None:
+            inv = torch.empty_like(self.slots)
+            inv[self.slots.long()] = torch.arange(self.num_rows, device=inv.device,
+                                                  dtype=inv.dtype)
+            self._inverse = inv
+        return self._inverse
+
+    @property
+    def ends(self) -> torch.Tensor:
+        """int32 [E]: offsets[1:], torch._grouped_mm's `offs` (end row of each expert)."""
+        if "ends" not in self._cache:
+            self._cache["ends"] = self.offsets[1:].contiguous()
+        return self._cache["ends"]
+
+    @property
+    def by_load(self) -> torch.Tensor:
+        """int32 [E]: experts, most rows first (the Triton weight-gradient order)."""
+        if "by_load" not in self._cache:
+            counts = self.offsets[1:] - self.offsets[:-1]
+            self._cache["by_load"] = torch.sort(counts, descending=True,
+                                                stable=True).indices.int()
+        return self._cache["by_load"]
+
     def tiles(self, block_m: int):
         """(tile_expert, tile_row) int32 [bound]: expert and first row of each BLOCK_M tile;
         tiles past the last hold expert E (the program exits). bound needs no host sync."""
-        if block_m not in self._tiles:
-            e, off = self.num_experts, self.offsets.long()
-            ntiles = (off[1:] - off[:-1] + block_m - 1) // block_m
-            cum = ntiles.cumsum(0)
+        key = ("tiles", block_m)
+        if key not in self._cache:
+            e = self.num_experts
             bound = triton.cdiv(self.num_rows, block_m) + e
-            tid = torch.arange(bound, device=off.device)
-            te = torch.searchsorted(cum, tid, right=True)
-            tc = te.clamp(max=e - 1)
-            row = off[tc] + (tid - (cum - ntiles)[tc]) * block_m
-            self._tiles[block_m] = (te.int(), row.int())
-        return self._tiles[block_m]
+            if self.method == "triton":
+                self._cache[key] = triton_plan.tile_plan(self.offsets, block_m, bound)
+            else:
+                off = self.offsets.long()
+                ntiles = (off[1:] - off[:-1] + block_m - 1) // block_m
+                cum = ntiles.cumsum(0)
+                tid = torch.arange(bound, device=off.device)
+                te = torch.searchsorted(cum, tid, right=True)
+                tc = te.clamp(max=e - 1)
+                row = off[tc] + (tid - (cum - ntiles)[tc]) * block_m
+                self._cache[key] = (te.int(), row.int())
+        return self._cache[key]
 
 
 def make_plan(ids: torch.Tensor, num_experts: int) -> ExpertPlan:
     """Stable sort of the slots by expert id (equal experts keep slot order)."""
     t, k = ids.shape
+    if PLAN == "triton":
+        tokens, slots, inverse, offsets = triton_plan.counting_sort(ids, num_experts)
+        return ExpertPlan(t, k, num_experts, tokens, slots, offsets, "triton", inverse)
     sorted_ids, order = torch.sort(ids.reshape(-1), stable=True)
     bounds = torch.arange(num_experts + 1, device=ids.device, dtype=sorted_ids.dtype)
     offsets = torch.searchsorted(sorted_ids, bounds)
-    by_load = torch.sort(offsets[1:] - offsets[:-1], descending=True, stable=True).indices
-    return ExpertPlan(t, k, num_experts, (order // k).int(), order.int(), offsets.int(),
-                      by_load.int())
+    return ExpertPlan(t, k, num_experts, (order // k).int(), order.int(), offsets.int())
 
 
 # ------------------------------------------------------------------------------- kernels
@@ -115,6 +164,39 @@ def _mainloop(a_ptr, a_rows, rmask, stride_a, b_ptr, cols, cmask, stride_bk, str
             b = tl.load(b_ptrs, mask=km[:, None] & cmask[None, :], other=0.0)
         acc = tl.dot(a, b, acc, input_precision=PREC)
         a_ptrs += BLOCK_K
+        b_ptrs += BLOCK_K * stride_bk
+    return acc
+
+
+@triton.jit
+def _mainloop_copy(a_ptr, a_rows, rmask, stride_a, b_ptr, cols, cmask, stride_bk, stride_bn, K,
+                   rows, ac_ptr, x_ptr, xc_ptr, copy_a, copy_x,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                   EVEN_K: tl.constexpr, PREC: tl.constexpr):
+    """_mainloop, and on the way: the A rows it loads where copy_a [BLOCK_M] is set are also
+    written to ac[rows] (sorted order); where copy_x is set, x[a_rows] (x has width K) is
+    copied to xc[rows]."""
+    rk = tl.arange(0, BLOCK_K)
+    a_ptrs = a_ptr + a_rows[:, None] * stride_a + rk[None, :]
+    x_ptrs = x_ptr + a_rows[:, None] * K + rk[None, :]
+    out_off = rows.to(tl.int64)[:, None] * K + rk[None, :]
+    b_ptrs = b_ptr + rk[:, None] * stride_bk + cols[None, :] * stride_bn
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        if EVEN_K:
+            am = rmask[:, None]
+            b = tl.load(b_ptrs, mask=cmask[None, :], other=0.0)
+        else:
+            km = rk < K - k0
+            am = rmask[:, None] & km[None, :]
+            b = tl.load(b_ptrs, mask=km[:, None] & cmask[None, :], other=0.0)
+        a = tl.load(a_ptrs, mask=am, other=0.0)
+        tl.store(ac_ptr + out_off + k0, a, mask=am & copy_a[:, None])
+        xv = tl.load(x_ptrs, mask=am & copy_x[:, None], other=0.0)
+        tl.store(xc_ptr + out_off + k0, xv, mask=am & copy_x[:, None])
+        acc = tl.dot(a, b, acc, input_precision=PREC)
+        a_ptrs += BLOCK_K
+        x_ptrs += BLOCK_K
         b_ptrs += BLOCK_K * stride_bk
     return acc
 
@@ -164,12 +246,15 @@ def _gate_up_kernel(x_ptr, w_ptr, gu_ptr, h_ptr, tok_ptr, tile_e_ptr, tile_row_p
 
 @triton.jit
 def _row_gemm_kernel(a_ptr, b_ptr, c_ptr, tok_ptr, slot_ptr, tile_e_ptr, tile_row_ptr, offs_ptr,
+                     ac_ptr, x_ptr, xc_ptr,
                      N, K, E, n_rows, stride_a, stride_be, stride_bk, stride_bn,
-                     GATHER_A: tl.constexpr, SCATTER_C: tl.constexpr,
+                     GATHER_A: tl.constexpr, SCATTER_C: tl.constexpr, COPY: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                      EVEN_K: tl.constexpr, PREC: tl.constexpr):
     """C[rows] = A[rows] @ B_e, rows of expert e. A row r is read at tok[r] (GATHER_A) or r;
-    C row r is written at slot[r] (SCATTER_C, slot order) or r (sorted order)."""
+    C row r is written at slot[r] (SCATTER_C, slot order) or r (sorted order).
+    COPY (with GATHER_A): the first column block's programs also write the A rows they load
+    to ac in sorted order, the last column block's copy x[tok] to xc (x [*, K])."""
     num_n = (N + BLOCK_N - 1) // BLOCK_N
     pid_m = tl.program_id(0) // num_n
     pid_n = tl.program_id(0) % num_n
@@ -182,8 +267,21 @@ def _row_gemm_kernel(a_ptr, b_ptr, c_ptr, tok_ptr, slot_ptr, tile_e_ptr, tile_ro
         a_rows = tl.load(tok_ptr + rows, mask=rmask, other=0).to(tl.int64)
     else:
         a_rows = tl.minimum(rows, n_rows - 1).to(tl.int64)   # in bounds; masked rows unused
-    acc = _mainloop(a_ptr, a_rows, rmask, stride_a, b_ptr + e.to(tl.int64) * stride_be, cols,
-                    cmask, stride_bk, stride_bn, K, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, PREC)
+    b_e = b_ptr + e.to(tl.int64) * stride_be
+    if COPY:
+        # row vectors, not scalars: the interpreter mis-types (bool tensor & bool scalar)
+        copy_a = rmask & (rows * 0 + pid_n == 0)
+        copy_x = rmask & (rows * 0 + pid_n == num_n - 1)
+        if (pid_n == 0) | (pid_n == num_n - 1):
+            acc = _mainloop_copy(a_ptr, a_rows, rmask, stride_a, b_e, cols, cmask, stride_bk,
+                                 stride_bn, K, rows, ac_ptr, x_ptr, xc_ptr, copy_a, copy_x,
+                                 BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, PREC)
+        else:
+            acc = _mainloop(a_ptr, a_rows, rmask, stride_a, b_e, cols, cmask, stride_bk,
+                            stride_bn, K, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, PREC)
+    else:
+        acc = _mainloop(a_ptr, a_rows, rmask, stride_a, b_e, cols, cmask, stride_bk, stride_bn,
+                        K, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, PREC)
     if SCATTER_C:
         c_rows = tl.load(slot_ptr + rows, mask=rmask, other=0).to(tl.int64)
     else:
@@ -193,18 +291,24 @@ def _row_gemm_kernel(a_ptr, b_ptr, c_ptr, tok_ptr, slot_ptr, tile_e_ptr, tile_ro
 
 
 @triton.jit
-def _combine_kernel(o_ptr, w_ptr, y_ptr, T, H, K: tl.constexpr, HAS_W: tl.constexpr,
-                    BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr):
-    """y[t] = sum_j w[t, j] * o[t*K + j] (or the plain sum), fp32, j = 0..K-1 in order."""
+def _combine_kernel(o_ptr, w_ptr, map_ptr, y_ptr, T, H, K: tl.constexpr, HAS_W: tl.constexpr,
+                    HAS_MAP: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr):
+    """y[t] = sum_j w[t, j] * o[t*K + j] (or the plain sum), fp32, j = 0..K-1 in order.
+    HAS_MAP: o is in sorted order, slot t*K + j is its row map[t*K + j]."""
     rt = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     rh = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
-    mask = (rt < T)[:, None] & (rh < H)[None, :]
+    tmask = rt < T
+    mask = tmask[:, None] & (rh < H)[None, :]
     rt64 = rt.to(tl.int64)
     acc = tl.zeros((BLOCK_T, BLOCK_H), dtype=tl.float32)
     for j in tl.static_range(K):
-        o = tl.load(o_ptr + (rt64 * K + j)[:, None] * H + rh[None, :], mask=mask, other=0.0)
+        if HAS_MAP:
+            r = tl.load(map_ptr + rt64 * K + j, mask=tmask, other=0).to(tl.int64)
+        else:
+            r = rt64 * K + j
+        o = tl.load(o_ptr + r[:, None] * H + rh[None, :], mask=mask, other=0.0)
         if HAS_W:
-            w = tl.load(w_ptr + rt64 * K + j, mask=rt < T, other=0.0)
+            w = tl.load(w_ptr + rt64 * K + j, mask=tmask, other=0.0)
             acc += w[:, None] * o.to(tl.float32)
         else:
             acc += o.to(tl.float32)
@@ -232,9 +336,12 @@ def gate_up(x, w_gate_up, plan: ExpertPlan, cfg=None):
     return gu, h
 
 
-def row_gemm(a, w, plan: ExpertPlan, transpose_w: bool, cfg, gather_a=False, scatter_c=True):
+def row_gemm(a, w, plan: ExpertPlan, transpose_w: bool, cfg, gather_a=False, scatter_c=True,
+             copies=None):
     """c [N, n]: c[r] = a[r] @ (w_e^T if transpose_w else w_e) for the rows r of expert e;
-    a's row r is a[tok[r]] when gather_a; c is in slot order when scatter_c, else sorted."""
+    a's row r is a[tok[r]] when gather_a; c is in slot order when scatter_c, else sorted.
+    copies = (x, a_sorted, x_sorted) with gather_a: also writes a[tok] and x[tok] (x has a's
+    width) to a_sorted and x_sorted [N, K] in sorted order (the loads are shared)."""
     bm, bn, bk, warps, stages = cfg
     e = w.shape[0]
     k = a.shape[1]
@@ -243,23 +350,32 @@ def row_gemm(a, w, plan: ExpertPlan, transpose_w: bool, cfg, gather_a=False, sca
     c = torch.empty(plan.num_rows, n, device=a.device, dtype=a.dtype)
     te, tr = plan.tiles(bm)
     grid = (te.numel() * triton.cdiv(n, bn),)
+    if copies is not None:
+        if not gather_a or a.stride(0) != k or copies[0].stride(0) != k:
+            raise ValueError("row_gemm copies: need gather_a and contiguous a, x of width K")
+        x, ac, xc = copies
+    else:
+        x = ac = xc = a
     LAUNCHED["row_gemm"] = _row_gemm_kernel[grid](
-        a, w, c, plan.tokens, plan.slots, te, tr, plan.offsets, n, k, e, plan.num_rows,
-        a.stride(0), w.stride(0), sbk, sbn, GATHER_A=gather_a, SCATTER_C=scatter_c,
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, EVEN_K=k % bk == 0, PREC=_prec(a),
-        num_warps=warps, num_stages=stages)
+        a, w, c, plan.tokens, plan.slots, te, tr, plan.offsets, ac, x, xc, n, k, e,
+        plan.num_rows, a.stride(0), w.stride(0), sbk, sbn, GATHER_A=gather_a,
+        SCATTER_C=scatter_c, COPY=copies is not None, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
+        EVEN_K=k % bk == 0, PREC=_prec(a), num_warps=warps, num_stages=stages)
     return c
 
 
-def combine(o, wts, num_tokens: int, cfg=None):
-    """[T, H]: per-token (weighted) sum of the slot-ordered rows o [T*k, H]."""
+def combine(o, wts, num_tokens: int, cfg=None, row_map=None):
+    """[T, H]: per-token (weighted) sum of the slot-ordered rows o [T*k, H] (or, with
+    row_map [T*k] int32, of the rows o[row_map[slot]])."""
     bt, bh, _, warps, _ = cfg or CONFIGS["combine"]
     k = o.shape[0] // max(num_tokens, 1)
     hid = o.shape[1]
     y = torch.empty(num_tokens, hid, device=o.device, dtype=o.dtype)
     grid = (triton.cdiv(num_tokens, bt), triton.cdiv(hid, bh))
-    _combine_kernel[grid](o, o if wts is None else wts, y, num_tokens, hid, K=k,
-                          HAS_W=wts is not None, BLOCK_T=bt, BLOCK_H=bh, num_warps=warps)
+    _combine_kernel[grid](o, o if wts is None else wts, o if row_map is None else row_map, y,
+                          num_tokens, hid, K=k, HAS_W=wts is not None,
+                          HAS_MAP=row_map is not None, BLOCK_T=bt, BLOCK_H=bh,
+                          num_warps=warps)
     return y
 
 

@@ -8,6 +8,14 @@
 h = silu(g) * u is recomputed from the saved gu and rounded as the forward rounded it.
 The SwiGLU backward runs in the epilogue of the G GEMM (DOWN_BWD_FUSED) or, unfused, in a
 row-wise kernel over G stored in x's dtype. No atomics: bitwise reproducible.
+
+With triton_experts.BWD_GEMMS != "triton", some GEMMs run through torch._grouped_mm (CUTLASS
+on sm90): per expert dWgu_e = dgu_e^T x_e and dWd_e = dy_e^T hw_e in the 2D x 2D form (offs
+over the rows: A = dgu.t() column-major, B row-major -- the one layout whose empty groups
+CUTLASS accepts; they come out as zeros on sm90), G and dx in the 2D x 3D form. These need x
+and dy rows in expert order: copied by the G GEMM as it loads them, or by index_select.
+A deterministic split-K of the Triton dW kernel is not offered: its 49K output tiles already
+fill the GPU, and fp32 partials would cost 3.2 GB of writes per split.
 """
 from __future__ import annotations
 
@@ -142,23 +150,40 @@ def _swiglu_bwd_kernel(gd_ptr, gu_ptr, wts_ptr, slot_ptr, dgu_ptr, hw_ptr, dw_pt
     tl.store(hw_ptr + r64 * I + cols[None, :], (w * h).to(dt), mask=mask)
 
 
-def down_bwd(dy, w_down, gu, wts, plan: ExpertPlan, fused=None, cfg=None):
+def swiglu_bwd(gd, gu, wts, plan: ExpertPlan):
+    """(dgu [N, 2I], hw [N, I], dweights [T*k] fp32) from G [N, I] (the unfused path)."""
+    n, inter = plan.num_rows, gu.shape[1] // 2
+    dgu = torch.empty_like(gu)
+    hw = torch.empty(n, inter, device=gu.device, dtype=gu.dtype)
+    dwts = torch.empty(n, device=gu.device, dtype=torch.float32)
+    br, _, _, warps, _ = CONFIGS["swiglu_bwd"]
+    _swiglu_bwd_kernel[(triton.cdiv(n, br),)](
+        gd, gu, wts, plan.slots, dgu, hw, dwts, n, inter, BLOCK_R=br,
+        BLOCK_I=triton.next_power_of_2(inter), num_warps=warps)
+    return dgu, hw, dwts
+
+
+def down_bwd(dy, w_down, gu, wts, plan: ExpertPlan, fused=None, cfg=None, x=None):
     """(dgu [N, 2I], hw [N, I], dweights [T*k] fp32): the down projection's backward and
-    the SwiGLU backward (see the module doc)."""
+    the SwiGLU backward (see the module doc). With x: also (x_sorted, dy_sorted) [N, H],
+    the rows in expert order (written by the G GEMM as it loads them)."""
     fused = fx.DOWN_BWD_FUSED if fused is None else fused
     n, inter = plan.num_rows, gu.shape[1] // 2
     hid = dy.shape[1]
+    sorted_rows = ()
+    if not fused:
+        copies = None
+        if x is not None:
+            xs = torch.empty(n, hid, device=x.device, dtype=x.dtype)
+            dys = torch.empty(n, hid, device=dy.device, dtype=dy.dtype)
+            copies, sorted_rows = (x, dys, xs), (xs, dys)
+        gd = row_gemm(dy, w_down, plan, transpose_w=False, cfg=cfg or CONFIGS["down_bwd"],
+                      gather_a=True, scatter_c=False, copies=copies)
+        return swiglu_bwd(gd, gu, wts, plan) + sorted_rows
+    if x is not None:
+        sorted_rows = (x.index_select(0, plan.tokens), dy.index_select(0, plan.tokens))
     dgu = torch.empty_like(gu)
     hw = torch.empty(n, inter, device=gu.device, dtype=gu.dtype)
-    if not fused:
-        gd = row_gemm(dy, w_down, plan, transpose_w=False, cfg=cfg or CONFIGS["down_bwd"],
-                      gather_a=True, scatter_c=False)
-        dwts = torch.empty(n, device=gu.device, dtype=torch.float32)
-        br, _, _, warps, _ = CONFIGS["swiglu_bwd"]
-        _swiglu_bwd_kernel[(triton.cdiv(n, br),)](
-            gd, gu, wts, plan.slots, dgu, hw, dwts, n, inter, BLOCK_R=br,
-            BLOCK_I=triton.next_power_of_2(inter), num_warps=warps)
-        return dgu, hw, dwts
     bm, bn, bk, warps, stages = cfg or CONFIGS["down_bwd"]
     nb = triton.cdiv(inter, bn)
     dwp = torch.empty(nb, n, device=gu.device, dtype=torch.float32)
@@ -170,19 +195,60 @@ def down_bwd(dy, w_down, gu, wts, plan: ExpertPlan, fused=None, cfg=None):
     dwts = dwp[0]
     for i in range(1, nb):            # fixed order over the column blocks
         dwts = dwts + dwp[i]
-    return dgu, hw, dwts
+    return (dgu, hw, dwts) + sorted_rows
+
+
+def grouped_mm_ok(x: torch.Tensor, *widths: int) -> bool:
+    """Whether torch._grouped_mm can take these operands: CUTLASS needs bf16 on sm90 (on
+    sm100 empty groups are not zeroed: pytorch issue 172439; elsewhere torch runs a slow
+    per-group loop with a host sync) and 16-byte rows. CPU: torch's loop (tests)."""
+    if not hasattr(torch, "_grouped_mm"):
+        return False
+    if x.is_cuda and (x.dtype != torch.bfloat16
+                      or torch.cuda.get_device_capability(x.device)[0] != 9):
+        return False
+    align = 16 // x.element_size()
+    return all(w % align == 0 for w in widths)
+
+
+def grouped_wgrad(a, b, plan: ExpertPlan):
+    """[E, M, N]: per expert a_e^T b_e over its rows (a [N, M], b [N, N'] in sorted order)."""
+    return torch._grouped_mm(a.t(), b, offs=plan.ends)
 
 
 def experts_bwd(dy, x, wts, w_gate_up, w_down, gu, plan: ExpertPlan, needs):
-    """(dx, dweights [T, k] fp32, dw_gate_up, dw_down); None where needs[i] is False."""
-    dgu, hw, dwts = down_bwd(dy, w_down, gu, wts, plan)
+    """(dx, dweights [T, k] fp32, dw_gate_up, dw_down); None where needs[i] is False.
+    fx.BWD_GEMMS picks the GEMM engines (see triton_experts.py)."""
+    mode = fx.BWD_GEMMS
+    if mode not in ("triton", "gmm_dw", "gmm_dw_dx", "gmm_all"):
+        raise ValueError(f"triton_experts.BWD_GEMMS={mode!r}: expected triton, gmm_dw, "
+                         f"gmm_dw_dx or gmm_all")
+    if mode != "triton" and not grouped_mm_ok(x, x.shape[1], gu.shape[1] // 2):
+        mode = "triton"
+    need_dw = needs[3] or needs[4]
+    xs = dys = None
+    if mode == "gmm_all":
+        dys = dy.index_select(0, plan.tokens)
+        xs = x.index_select(0, plan.tokens) if needs[3] else None
+        gd = torch._grouped_mm(dys, w_down, offs=plan.ends)          # G [N, I], sorted
+        dgu, hw, dwts = swiglu_bwd(gd, gu, wts, plan)
+    elif mode != "triton" and need_dw:
+        dgu, hw, dwts, xs, dys = down_bwd(dy, w_down, gu, wts, plan, x=x)
+    else:
+        dgu, hw, dwts = down_bwd(dy, w_down, gu, wts, plan)
     dx = dwgu = dwd = None
     if needs[0]:
-        dxs = row_gemm(dgu, w_gate_up, plan, transpose_w=False, cfg=CONFIGS["dx"])
-        dx = combine(dxs, None, plan.num_tokens)
+        if mode in ("gmm_dw_dx", "gmm_all"):
+            dxs = torch._grouped_mm(dgu, w_gate_up, offs=plan.ends)   # sorted order
+            dx = combine(dxs, None, plan.num_tokens, row_map=plan.inverse)
+        else:
+            dxs = row_gemm(dgu, w_gate_up, plan, transpose_w=False, cfg=CONFIGS["dx"])
+            dx = combine(dxs, None, plan.num_tokens)
     dwts = dwts.view(plan.num_tokens, plan.top_k) if needs[2] else None
     if needs[3]:
-        dwgu = wgrad(dgu, x, plan, gather_a=False, out_dtype=w_gate_up.dtype)
+        dwgu = (wgrad(dgu, x, plan, gather_a=False, out_dtype=w_gate_up.dtype) if xs is None
+                else grouped_wgrad(dgu, xs, plan))
     if needs[4]:
-        dwd = wgrad(dy, hw, plan, gather_a=True, out_dtype=w_down.dtype)
+        dwd = (wgrad(dy, hw, plan, gather_a=True, out_dtype=w_down.dtype) if dys is None
+               else grouped_wgrad(dys, hw, plan))
     return dx, dwts, dwgu, dwd

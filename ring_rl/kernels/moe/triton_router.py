@@ -8,6 +8,10 @@ Batch invariance (a token's logits and experts do not depend on the other tokens
   tensor cores (fp32-accurate; 0.27 ms instead of 1.32 ms for the FMA dot at 16K x 2048 x
   256 on an H100).
 - `select_experts` works on one row at a time (rows are independent lanes of a block).
+The gate weight's gradient dl^T x reduces over the T tokens with only E x H outputs (128
+tiles: too few programs for 132 SMs, each looping over all tokens), so it is split over the
+tokens: fp32 partials [S, E, H], then one kernel sums them in the fixed order s = 0..S-1
+(deterministic; the split depends on T only, and a gradient need not be batch invariant).
 
 Selection maths and tie rule: see reference.py. The kernel adds the bias in fp32 exactly as
 the reference does, sums each group's top two as (largest + second), and picks maxima with
@@ -23,6 +27,12 @@ import triton.language as tl
 MM_BLOCK_M, MM_BLOCK_N, MM_BLOCK_K, MM_WARPS = 64, 128, 64, 4
 # Rows per program in the selection kernel.
 SELECT_BLOCK_T = 16
+# Gate-weight gradient: tokens per split of the reduction (0: no split, the path timed in
+# benchmarks/results/moe.md; `benchmarks/moe.py --variants` times 2048) and the most splits.
+DW_SPLIT_ROWS, DW_MAX_SPLITS = 0, 8
+# Tiles (BLOCK_M, BLOCK_N, warps) of the router's dx = dl @ W in the backward (a gradient: no
+# batch invariance needed, so not bound to the forward's tiles; `--variants` times others).
+DX_TILES = (64, 128, 4)
 
 
 @triton.jit
@@ -36,7 +46,7 @@ def _bf16_split(v):
 
 
 @triton.jit
-def _matmul_fp32_kernel(a_ptr, b_ptr, c_ptr, M, N, K,
+def _matmul_fp32_kernel(a_ptr, b_ptr, c_ptr, M, N, K, K_SPLIT,
                         stride_am, stride_ak, stride_bk, stride_bn,
                         SPLIT_A: tl.constexpr, SPLIT_B: tl.constexpr, EXACT: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
@@ -45,17 +55,22 @@ def _matmul_fp32_kernel(a_ptr, b_ptr, c_ptr, M, N, K,
     partial products are summed in fp32 (products of bf16 are exact in fp32, so with one
     operand split this is an fp32 GEMM up to summation order). With both operands split only
     the hi*hi, hi*mid and mid*hi terms are kept (~2^-16 relative): used for dx, which is
-    rounded to bf16 anyway."""
+    rounded to bf16 anyway. Program (., ., s) reduces k in [s*K_SPLIT, (s+1)*K_SPLIT) into
+    the partial c[s] (one split: the whole K, the same operations as ever)."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
+    k_lo = tl.program_id(2) * K_SPLIT
+    k_hi = tl.minimum(k_lo + K_SPLIT, K)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rk = tl.arange(0, BLOCK_K)
-    a_ptrs = a_ptr + rm[:, None].to(tl.int64) * stride_am + rk[None, :] * stride_ak
-    b_ptrs = b_ptr + rk[:, None] * stride_bk + rn[None, :].to(tl.int64) * stride_bn
+    a_ptrs = (a_ptr + rm[:, None].to(tl.int64) * stride_am
+              + (k_lo + rk[None, :]).to(tl.int64) * stride_ak)
+    b_ptrs = (b_ptr + (k_lo + rk[:, None]).to(tl.int64) * stride_bk
+              + rn[None, :].to(tl.int64) * stride_bn)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        km = rk < K - k0
+    for k0 in range(k_lo, k_hi, BLOCK_K):
+        km = rk < k_hi - k0
         a = tl.load(a_ptrs, mask=(rm[:, None] < M) & km[None, :], other=0.0)
         b = tl.load(b_ptrs, mask=km[:, None] & (rn[None, :] < N), other=0.0)
         if EXACT:
@@ -82,12 +97,25 @@ def _matmul_fp32_kernel(a_ptr, b_ptr, c_ptr, M, N, K,
             acc = tl.dot(a0, b0, acc)
         a_ptrs += BLOCK_K * stride_ak
         b_ptrs += BLOCK_K * stride_bk
-    c_ptrs = c_ptr + rm[:, None].to(tl.int64) * N + rn[None, :]
+    c_ptrs = (c_ptr + tl.program_id(2).to(tl.int64) * M * N + rm[:, None].to(tl.int64) * N
+              + rn[None, :])
     tl.store(c_ptrs, acc, mask=(rm[:, None] < M) & (rn[None, :] < N))
 
 
+@triton.jit
+def _sum_splits_kernel(p_ptr, c_ptr, n, S, BLOCK: tl.constexpr):
+    """c[i] = p[0, i] + p[1, i] + ... + p[S-1, i], in that order (fp32)."""
+    i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    m = i < n
+    acc = tl.load(p_ptr + i, mask=m, other=0.0)
+    for s in range(1, S):
+        acc += tl.load(p_ptr + s * n + i, mask=m, other=0.0)
+    tl.store(c_ptr + i, acc, mask=m)
+
+
 def matmul_fp32(a: torch.Tensor, b: torch.Tensor, exact: bool | None = None,
-                tiles: tuple[int, int] = (MM_BLOCK_M, MM_BLOCK_N)) -> torch.Tensor:
+                tiles: tuple[int, int] = (MM_BLOCK_M, MM_BLOCK_N),
+                splits: int = 1, warps: int = MM_WARPS) -> torch.Tensor:
     """fp32 [M, N] = a.float() @ b.float() for a [M, K], b [K, N] of any strides.
 
     Operands are fp32 or bf16. With a bf16 operand (the model's activations) the product runs
@@ -95,7 +123,9 @@ def matmul_fp32(a: torch.Tensor, b: torch.Tensor, exact: bool | None = None,
     operands only it is an IEEE fp32 FMA dot (the Triton interpreter's bf16 dot is unusable,
     so CPU tests take this path). `exact` forces one or the other (default: exact when both
     operands are fp32); other dtypes are converted to fp32 first. `tiles` (BLOCK_M, BLOCK_N):
-    keep the default wherever batch invariance matters (the forward)."""
+    keep the default wherever batch invariance matters (the forward). `splits` > 1: the
+    reduction is cut into that many BLOCK_K-aligned ranges whose fp32 partials are summed
+    in order (deterministic, but the result depends on K: not for the forward)."""
     m, k = a.shape
     n = b.shape[1]
     c = torch.empty(m, n, device=a.device, dtype=torch.float32)
@@ -105,13 +135,26 @@ def matmul_fp32(a: torch.Tensor, b: torch.Tensor, exact: bool | None = None,
     b = b if b.dtype in (torch.float32, torch.bfloat16) else b.float()
     if exact is None:
         exact = a.dtype == b.dtype == torch.float32
-    grid = (triton.cdiv(m, tiles[0]), triton.cdiv(n, tiles[1]))
-    _matmul_fp32_kernel[grid](a, b, c, m, n, k, a.stride(0), a.stride(1), b.stride(0),
-                              b.stride(1), SPLIT_A=a.dtype == torch.float32,
+    k_split = triton.cdiv(triton.cdiv(max(k, 1), max(splits, 1)), MM_BLOCK_K) * MM_BLOCK_K
+    splits = triton.cdiv(max(k, 1), k_split)
+    out = c if splits == 1 else torch.empty(splits, m, n, device=a.device, dtype=torch.float32)
+    grid = (triton.cdiv(m, tiles[0]), triton.cdiv(n, tiles[1]), splits)
+    _matmul_fp32_kernel[grid](a, b, out, m, n, k, k_split, a.stride(0), a.stride(1),
+                              b.stride(0), b.stride(1), SPLIT_A=a.dtype == torch.float32,
                               SPLIT_B=b.dtype == torch.float32, EXACT=exact,
                               BLOCK_M=tiles[0], BLOCK_N=tiles[1], BLOCK_K=MM_BLOCK_K,
-                              num_warps=MM_WARPS)
+                              num_warps=warps)
+    if splits > 1:
+        _sum_splits_kernel[(triton.cdiv(m * n, 1024),)](out, c, m * n, splits, BLOCK=1024,
+                                                         num_warps=4)
     return c
+
+
+def dw_splits(num_tokens: int) -> int:
+    """Splits of the gate-weight gradient's reduction over num_tokens (DW_SPLIT_ROWS each)."""
+    if DW_SPLIT_ROWS <= 0:
+        return 1
+    return max(1, min(DW_MAX_SPLITS, num_tokens // DW_SPLIT_ROWS))
 
 
 @triton.jit
