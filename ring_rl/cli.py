@@ -262,6 +262,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     s.add_argument("--trainer-bf16", action="store_true", help="trainer in bf16 mixed precision")
+    s.add_argument("--routing-replay", action="store_true",
+                   help="the trainer takes the rollout's experts (isolates the kernels from expert flips)")
     s.add_argument("--rollout-dtype", choices=["auto", "fp32", "bf16"], default="auto",
                    help="rollout engine's weights and compute (auto: the checkpoint's dtype)")
     s.add_argument("--noise-floor", type=float, help="override the dtype's relative-error noise floor")

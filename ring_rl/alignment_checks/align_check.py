@@ -131,12 +131,17 @@ def run_align_check(rollout_side, trainer_side, config, prompts: list[list[int]]
     temperature = logprob_temperature(params)
     prompt_lens = [len(p) for p in batch.prompt_ids]
     resp_lens = [len(r) for r in batch.response_ids]
-    notes = []
+    notes = list(getattr(rollout_side, "notes", []))  # what the engine had to say about this run
     roll_logits = sampled_logits(run.trace, prompt_lens, resp_lens) if run.trace else [None] * len(prompts)
     if injection is not None and injection.processed_logprobs:
         batch.logprobs = [lp if lg is None else candidate_logprobs(lg, r, params)["processed"].float()
                           for lp, lg, r in zip(batch.logprobs, roll_logits, batch.response_ids)]
 
+    if getattr(trainer_side, "replay_routing", False):
+        if batch.router_ids is None:
+            raise ValueError(f"routing replay: the {rollout_side.name} engine recorded no expert choices")
+        notes.append("routing replay: the trainer took the rollout's experts, so router flips are 0 by "
+                     "construction and the table shows the kernels' gap alone")
     trainer_lp, trainer_ids = trainer_side.logprobs(batch, temperature)
     t_trace, traced_lp = trainer_side.run_traced(batch, temperature)
     trace_vs_engine = max([float((a - b).abs().max()) for a, b in zip(trainer_lp, traced_lp) if len(a)] or [0.0])
@@ -312,7 +317,7 @@ def cli_main(args) -> int:
     except EngineUnavailable as e:
         print(f"ring-rl align-check: {e}", file=sys.stderr)
         return 2
-    trainer = TrainerSide(args.model, args.device, bf16=args.trainer_bf16)
+    trainer = TrainerSide(args.model, args.device, bf16=args.trainer_bf16, replay_routing=args.routing_replay)
     res = run_align_check(rollout, trainer, config, prompts, params, injection, rules, args.noise_floor)
     dtype = getattr(torch, res.compute_dtype)
     if doc is not None:

@@ -108,7 +108,8 @@ def make_rollout_side(engine: str, model_dir: str | os.PathLike, ops: ModelOps =
 class TrainerSide:
     """The DeepSpeed trainer (ZeRO stage 0: nothing is sharded or updated here)."""
 
-    def __init__(self, model_dir: str | os.PathLike, device: str = "cpu", bf16: bool = False):
+    def __init__(self, model_dir: str | os.PathLike, device: str = "cpu", bf16: bool = False,
+                 replay_routing: bool = False):
         from ring_rl.config import TrainerConfig
         from ring_rl.trainer.engine import TrainerEngine
 
@@ -118,10 +119,14 @@ class TrainerSide:
         self.trainer = TrainerEngine(model_dir, cfg, device=device)
         self.model = self.trainer.model
         self.compute_dtype = torch.bfloat16 if bf16 else torch.float32
+        # Routing replay: the trainer takes the rollout's recorded experts in every MoE layer
+        # (as GRPO does with alignment.routing_replay), so what is left is the kernels' gap.
+        self.replay_routing = replay_routing
 
     def logprobs(self, rollout: RolloutBatch, temperature: float):
         """Per sequence: (logprobs [R_i], expert ids [num_moe_layers, P_i + R_i - 1, k])."""
-        logprobs, _, routers = self.trainer.compute_logprobs(rollout, temperature)
+        logprobs, _, routers = self.trainer.compute_logprobs(rollout, temperature,
+                                                             replay_routing=self.replay_routing)
         return logprobs, routers
 
     @torch.no_grad()
@@ -131,7 +136,9 @@ class TrainerSide:
 
         seqs, masks = response_sequences(rollout.prompt_ids, rollout.response_ids)
         live = [i for i in range(len(seqs)) if len(rollout.response_ids[i]) > 0]
-        packed = pack([seqs[i] for i in live], [masks[i] for i in live], self.trainer.device)
+        replay = [rollout.router_ids[i] for i in live] if self.replay_routing else None
+        packed = pack([seqs[i] for i in live], [masks[i] for i in live], self.trainer.device, replay,
+                      self.trainer.moe_layers)
         rec = Recorder([len(p) for p in rollout.prompt_ids], seq_ids=live, lm_rows=packed.rows,
                        state_from_inputs=True)
         with tracing(self.model, rec):

@@ -252,3 +252,28 @@ def test_tracing_does_not_change_the_rollout(model_dir, prompts):
     for a, b in zip(traced.logprobs, plain.logprobs):
         assert torch.equal(a, b)
     assert [r.tolist() for r in traced.response_ids] == [r.tolist() for r in plain.response_ids]
+
+
+def test_routing_replay_takes_the_rollouts_experts(model_dir, prompts):
+    """The rollout's recorded experts are altered (sequence 0, first MoE layer, every
+    position: a different expert set). Without replay the trainer routes by itself and the
+    alteration shows as router flips; with replay the trainer runs the altered experts (flips
+    0, said in a note) and its logprobs of sequence 0 move, the others' do not."""
+
+    class AlteredRoutes(NativeRollout):
+        def run(self, prompts, params):
+            run = super().run(prompts, params)
+            ids = run.batch.router_ids[0]
+            ids[0] = (ids[0] + 1) % self.model.config.num_experts  # top-k stays distinct
+            return run
+
+    rollout = AlteredRoutes(model_dir)
+    runs = {replay: run_align_check(rollout, TrainerSide(model_dir, replay_routing=replay), rollout.model.config,
+                                    prompts, PARAMS) for replay in (False, True)}
+    plain, replayed = runs[False], runs[True]
+    assert replayed.trace_vs_engine == 0.0  # the traced forward replays too
+    assert plain.flips[1] > 0 and replayed.metrics["router/flip_mean"] == 0.0
+    assert any("routing replay" in n for n in replayed.notes) and not any("routing replay" in n for n in plain.notes)
+    lp_plain, lp_replay = plain.trainer_logprobs, replayed.trainer_logprobs
+    assert not torch.equal(lp_plain[0], lp_replay[0])
+    assert all(torch.equal(a, b) for a, b in zip(lp_plain[1:], lp_replay[1:]))
