@@ -14,10 +14,14 @@ next step's generation. Hyper-parameters that change no cost are matched too (lr
 Each system runs in a subprocess of its own, one after the other, so they never share the
 cores: ring-rl through the `ring-rl train` CLI (Ray actors: native rollout + DeepSpeed
 trainer, one torch thread each) and TRL through this file with --trl-worker (one process,
-`--trl-threads` intra-op threads). The first step of each run is warm-up; the table shows
-the median of the others. "gen s" is the time spent generating inside a step (ring-rl:
-perf/rollout_s; TRL: its calls to model.generate). tokens/s = generated tokens of a step
-(end tokens included) / seconds of that step, median over steps.
+`--trl-threads` intra-op threads). ring-rl runs twice: on-policy (the default) and with
+`rollout.max_staleness=1` (step n+1 generated while the trainer updates on step n). The
+first step of each run is warm-up; the table shows the median of the others. A ring-rl
+step's seconds are the wall-clock time between consecutive metrics rows (everything between
+two steps); TRL's from its on_step_begin to on_step_end. "gen s" is the time spent
+generating (ring-rl: perf/rollout_s, overlapped with the update in the second run; TRL: its
+calls to model.generate). tokens/s = generated tokens of a step (end tokens included) /
+seconds of that step, median over steps.
 
 TRL 1.16 scores log-probs through `model.base_model(...).last_hidden_state` (its fused LM
 head): RingLinearModel.forward provides it (padded in, the flat maths, re-padded out).
@@ -40,6 +44,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "tiny-arith.yaml"
 PEER_SIZE = (32, 8, 4)  # TRL's peer figure in shared/docs/benchmarks.md
+KEPT = "\n## "  # a rewritten results file keeps its sections (analysis, history) from the first one on
 
 
 # -- the common inputs -----------------------------------------------------------------------
@@ -76,9 +81,13 @@ def load_avg() -> float:
 
 
 # -- ring-rl: the CLI in a subprocess, steps read back from metrics.jsonl --------------------
+RING_RL_MODES = {"on-policy": (), "overlapped": ("rollout.max_staleness=1",)}
+
+
 def run_ring_rl(work: Path, ckpt: Path, data: dict[str, str], size: tuple[int, int, int], steps: int,
-                extra: tuple[str, ...] = (), tag: str = "") -> dict:
+                mode: str = "on-policy") -> dict:
     p, g, t = size
+    extra, tag = RING_RL_MODES[mode], f"-{mode}"
     run_dir = work / f"ring-rl-{p}x{g}x{t}{tag}"
     overrides = [
         f"run.dir={run_dir}", f"model.name_or_path={ckpt}", "sft.enabled=false",
@@ -96,13 +105,16 @@ def run_ring_rl(work: Path, ckpt: Path, data: dict[str, str], size: tuple[int, i
     if proc.returncode != 0:
         raise RuntimeError(f"ring-rl train failed (rc {proc.returncode}):\n{Path(log.name).read_text()[-3000:]}")
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    steps_out = [{"s": r["perf/step_s"], "gen_s": r["perf/rollout_s"],
+    # Step 1 has no row before it: its own perf/step_s (it is the warm-up, left out anyway).
+    pace = [rows[0]["perf/step_s"]] + [b["time"] - a["time"] for a, b in zip(rows, rows[1:])]
+    steps_out = [{"s": s, "gen_s": r["perf/rollout_s"],
                   "tokens": r["response/length_mean"] * p * g, "train_s": r["perf/train_s"],
                   "sync_s": r["perf/sync_s"], "reward_s": r["perf/reward_s"],
-                  "update_s": r["train/time_s"], "align_s": r["perf/align_s"],
+                  "update_s": r["train/time_s"], "align_s": r["perf/align_s"], "overlap_s": r["perf/overlap_s"],
+                  "step_s": r["perf/step_s"], "staleness": r["rollout/staleness"],
                   "rollout_tok_s": r["perf/rollout_tokens_per_s"],
-                  "bitwise": r["align/bitwise_equal_frac"]} for r in rows]
-    return {"system": "ring-rl", "threads": "1 per actor", "size": size, "steps": steps_out,
+                  "bitwise": r["align/bitwise_equal_frac"]} for s, r in zip(pace, rows)]
+    return {"system": f"ring-rl {mode}", "threads": "1 per actor", "size": size, "steps": steps_out,
             "wall_s": wall, "load": load}
 
 
@@ -220,14 +232,27 @@ def table(rows: list[dict]) -> str:
 def ring_breakdown(rows: list[dict]) -> list[str]:
     out = []
     for r in rows:
-        if r["system"] == "ring-rl":
+        if r["system"].startswith("ring-rl"):
             m = r["steps"][1:] or r["steps"]
             med = {k: statistics.median(x[k] for x in m)
-                   for k in ("gen_s", "reward_s", "train_s", "update_s", "sync_s")}
-            out.append(f"ring-rl {'x'.join(map(str, r['size']))} median split of a step (driver clock): rollout "
-                       f"{med['gen_s']:.3f} s, reward {med['reward_s']:.3f} s, train {med['train_s']:.3f} s "
-                       f"(of which the update inside the trainer actor {med['update_s']:.3f} s; the rest is the "
-                       f"log-prob recompute and Ray calls), weight sync {med['sync_s']:.3f} s")
+                   for k in ("s", "gen_s", "reward_s", "train_s", "update_s", "sync_s", "align_s", "overlap_s",
+                             "step_s", "staleness")}
+            size = "x".join(map(str, r["size"]))
+            if r["system"].endswith("overlapped"):
+                out.append(f"{r['system']} {size} median split of a step (driver clock): the trainer's check + "
+                           f"update {med['train_s']:.3f} s (inside the trainer actor {med['update_s']:.3f} s), "
+                           f"during which the next step's weights sync {med['sync_s']:.3f} s + rollout "
+                           f"{med['gen_s']:.3f} s + reward {med['reward_s']:.3f} s ran ({med['overlap_s']:.3f} s "
+                           f"in all); token files {med['align_s']:.3f} s; the rest of the "
+                           f"{med['s']:.3f} s step is the driver's bookkeeping between steps "
+                           f"(staleness {med['staleness']:.0f})")
+            else:
+                out.append(f"{r['system']} {size} median split of a step (driver clock): rollout "
+                           f"{med['gen_s']:.3f} s, reward {med['reward_s']:.3f} s, the trainer's check + update "
+                           f"{med['train_s']:.3f} s (inside the trainer actor {med['update_s']:.3f} s; the "
+                           f"rest is Ray calls), token files {med['align_s']:.3f} s, weight sync "
+                           f"{med['sync_s']:.3f} s; the rest of the {med['s']:.3f} s step is the driver's "
+                           f"bookkeeping between steps")
     return out
 
 
@@ -246,7 +271,9 @@ def main() -> int:
     ap.add_argument("--peer-size", choices=["trl", "both", "off"], default="trl",
                     help=f"also run {'x'.join(map(str, PEER_SIZE))} (the peer figure's size): TRL only, both, or not")
     ap.add_argument("--systems", default="ring-rl,trl", help="which systems to run (comma list)")
-    ap.add_argument("--trl-threads", default="1", help="comma list of torch threads for TRL runs, e.g. 1,2")
+    ap.add_argument("--ring-rl-modes", default="on-policy,overlapped",
+                    help=f"comma list of ring-rl runs: {', '.join(RING_RL_MODES)}")
+    ap.add_argument("--trl-threads", default="1,2", help="comma list of torch threads for TRL runs")
     ap.add_argument("--out", default=str(ROOT / "benchmarks/results/e2e_cpu.md"), help="markdown file ('' = none)")
     ap.add_argument("--trl-worker", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -267,8 +294,9 @@ def main() -> int:
         model_line = describe_model(ckpt)
         for sz in sizes:
             if "ring-rl" in args.systems and (sz == size or args.peer_size == "both"):
-                print(f"ring-rl {sz} ...", file=sys.stderr, flush=True)
-                results.append(summarise(run_ring_rl(work, ckpt, data, sz, args.steps)))
+                for mode in args.ring_rl_modes.split(","):
+                    print(f"ring-rl {mode} {sz} ...", file=sys.stderr, flush=True)
+                    results.append(summarise(run_ring_rl(work, ckpt, data, sz, args.steps, mode)))
             for k in threads if "trl" in args.systems else []:
                 print(f"TRL {sz} threads={k} ...", file=sys.stderr, flush=True)
                 results.append(summarise(run_trl(work, ckpt, data, sz, args.steps, k)))
@@ -279,9 +307,9 @@ def main() -> int:
     print(text)
     for r in results:
         base = [x for x in results if x["size"] == r["size"] and x["system"].startswith("TRL")]
-        if r["system"] == "ring-rl" and base:
+        if r["system"].startswith("ring-rl") and base:
             ratio = r["s_med"] / min(b["s_med"] for b in base)
-            print(f"ring-rl / TRL at {'x'.join(map(str, r['size']))}: {ratio:.2f}x step time "
+            print(f"{r['system']} / TRL at {'x'.join(map(str, r['size']))}: {ratio:.2f}x step time "
                   f"(target <= 0.5x: {'met' if ratio <= 0.5 else 'not met'})")
     notes = ring_breakdown(results)
     for n in notes:
@@ -308,12 +336,15 @@ def main() -> int:
             "",
             "Notes:",
             "- ratio = s/step / the fastest TRL s/step at the same size.",
-            ("- ring-rl threads: Ray rollout actor and DeepSpeed trainer actor, one torch thread each; the "
-             "step also recomputes the trainer's log-probs of the rollout (alignment check), TRL with one "
-             "iteration per batch does not."),
-            ("- TRL threads: 1 by default. On this shared 2-core machine at load ~5, the same model's HF "
-             "generate and forward+backward ran ~10x slower with 2 intra-op threads than with 1 (OpenMP "
-             "threads spin while waiting for a core); `--trl-threads 1,2` times both."),
+            ("- ring-rl threads: Ray rollout actor and DeepSpeed trainer actor, one torch thread each. Every "
+             "step checks the trainer's log-probs of the rollout against the rollout's (alignment metrics, "
+             "policy, gate) before its update; with one optimizer pass per step the update's own forward "
+             "is that log-prob pass (no separate recompute), as TRL with one iteration per batch has none."),
+            ("- ring-rl overlapped (`rollout.max_staleness=1`): one-step off-policy, each rollout sampled with "
+             "weights one update older than the ones it trains (staleness 1; the old log-probs of the ratio "
+             "are the trainer's current ones); on-policy is the default and TRL's semantics."),
+            ("- TRL threads: 1 and 2 intra-op threads (`--trl-threads`). On a loaded 2-core machine 2 threads "
+             "can run several times slower than 1 (OpenMP threads spin while waiting for a core)."),
             ("- TRL needs `model.base_model(input_ids, attention_mask).last_hidden_state` (its fused LM "
              "head); `RingLinearModel.forward` provides it (padded in, the flat maths of every engine, "
              "re-padded out), so TRL runs ring-rl's own model code per token."),
@@ -322,7 +353,10 @@ def main() -> int:
              "size is not comparable with it, only with ring-rl in the same run."),
             *[f"- {n}" for n in notes],
         ]
-        Path(args.out).write_text("\n".join(md) + "\n")
+        out = Path(args.out)
+        old = out.read_text() if out.exists() else ""
+        kept = old[old.index(KEPT) + 1:] if KEPT in old else ""  # analysis and earlier runs, written by hand
+        out.write_text("\n".join(md) + "\n" + ("\n" + kept if kept else ""))
         print(f"wrote {args.out}", file=sys.stderr)
     return 0
 

@@ -82,6 +82,7 @@ class RolloutConfig(_Section):
     tensor_parallel_size: int = Field(1, ge=1, description="vLLM tensor parallel size per actor")
     gpu_memory_utilization: float = Field(0.4, gt=0, lt=1, description="vLLM on a GPU: share of the card's memory it takes (weights, KV cache, state slots); the rest is a colocated trainer's")
     seed: int = Field(0, description="sampling seed (combined with step and actor rank)")
+    max_staleness: int = Field(0, ge=0, le=1, description="weight versions a trained-on rollout may trail the trainer: 0 = on-policy; 1 = generate step n+1 while the trainer updates on step n (one-step off-policy, rollout and trainer busy at once)")
 
 
 class TrainerConfig(_Section):
@@ -187,6 +188,9 @@ class RunConfig(_Section):
                                  f"{self.data.train_files} and {self.data.test_files}")
         if self.alignment.mode == "exact":
             self._check_exact()
+            if self.rollout.max_staleness:
+                raise ValueError("alignment.mode=exact needs the rollout's own weights in the trainer: "
+                                 "set rollout.max_staleness=0")
         if self.run.resume and self.run.auto_resume:
             raise ValueError("run.resume and run.auto_resume: set at most one")
         return self

@@ -1,12 +1,92 @@
 """The data that crosses actors: a few explicit dataclasses with tensors inside.
 
 Imported by the rollout engines, the trainer, the alignment checks and the driver; it
-imports nothing of ring_rl, so it sits below all of them."""
+imports nothing of ring_rl, so it sits below all of them.
+
+Lists of per-sequence tensors pickle as one flat buffer per dtype (`TensorList`): Ray pickles
+every tensor through a torch.save of its own (~0.1-0.2 ms each, ~1 ms per MB), and a step's
+batch holds hundreds of tiny ones. The buffers travel as NumPy byte arrays, which Ray writes
+into its object store out of band (pickle protocol 5) instead of through torch.save."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
+
+
+class TensorList(list):
+    """A list of tensors (or None) that pickles as one flat buffer per dtype plus shapes, and
+    unpickles as a plain list of views into those buffers, on the CPU. Behaves as a list
+    otherwise."""
+
+    def __reduce__(self):
+        return _unflatten, _flatten(self)
+
+
+class TensorDict(dict):
+    """A name -> tensor dict (e.g. a state dict) pickled like `TensorList`."""
+
+    def __reduce__(self):
+        return _unflatten_dict, (list(self), *_flatten(list(self.values())))
+
+
+def _flatten(items: list) -> tuple[list[tuple[np.ndarray, torch.dtype]], list]:
+    """(per dtype the bytes of all its tensors, back to back; per item (dtype index, shape) or None)."""
+    by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+    layout = []
+    for t in items:
+        if t is None:
+            layout.append(None)
+            continue
+        group = by_dtype.setdefault(t.dtype, [])
+        group.append(t.detach().reshape(-1))
+        layout.append((list(by_dtype).index(t.dtype), tuple(t.shape)))
+    flats = [torch.cat(group).cpu() for group in by_dtype.values()]
+    return [(f.view(torch.uint8).numpy(), f.dtype) for f in flats], layout
+
+
+def _unflatten(buffers: list[tuple[np.ndarray, torch.dtype]], layout: list) -> list:
+    # Ray hands out read-only views of its object store: those are copied (one memcpy).
+    flats = [torch.from_numpy(b if b.flags.writeable else b.copy()).view(dtype) for b, dtype in buffers]
+    out, offsets = [], [0] * len(flats)
+    for entry in layout:
+        if entry is None:
+            out.append(None)
+            continue
+        g, shape = entry
+        n = math.prod(shape)
+        out.append(flats[g][offsets[g]:offsets[g] + n].view(shape))
+        offsets[g] += n
+    return out
+
+
+def _unflatten_dict(names: list[str], buffers: list, layout: list) -> dict:
+    return dict(zip(names, _unflatten(buffers, layout)))
+
+
+def _packed_state(obj, fields: tuple[str, ...]) -> dict:
+    """obj's attributes with the listed tensor-list fields as TensorLists (see __getstate__)."""
+    state = dict(obj.__dict__)
+    for name in fields:
+        if state.get(name) is not None:
+            state[name] = TensorList(state[name])
+    return state
+
+
+class StaleWeightsError(RuntimeError):
+    """A rollout was asked for, or trained on, with weights other than the allowed version(s)."""
+
+
+def check_policy_lag(trainer_version: int, rollout_version: int, max_lag: int) -> int:
+    """The trainer's weight version minus the one that sampled the rollout (0 on-policy);
+    StaleWeightsError unless it lies in [0, max_lag] (`rollout.max_staleness`)."""
+    lag = trainer_version - rollout_version
+    if not 0 <= lag <= max_lag:
+        raise StaleWeightsError(f"rollout sampled with weights v{rollout_version}, trainer holds v{trainer_version}: "
+                                f"lag {lag}, allowed 0..{max_lag} (rollout.max_staleness)")
+    return lag
 
 
 @dataclass(frozen=True)
@@ -71,6 +151,9 @@ class RolloutBatch:
     def num_response_tokens(self) -> int:
         return sum(len(r) for r in self.response_ids)
 
+    def __getstate__(self):
+        return _packed_state(self, ("prompt_ids", "response_ids", "logprobs", "router_ids"))
+
 
 @dataclass
 class TrainBatch:
@@ -81,3 +164,27 @@ class TrainBatch:
     advantages: torch.Tensor                         # [B]
     old_logprobs: list[torch.Tensor] | None = None   # the trainer's, per response token
     token_weights: list[torch.Tensor] | None = None  # alignment policy weights/masks per token
+
+    def __getstate__(self):
+        return _packed_state(self, ("old_logprobs", "token_weights"))
+
+
+@dataclass
+class AlignmentReport:
+    """The alignment checks' verdict on one step, taken before its update (see
+    `ring_rl.alignment_checks.step.StepCheck`): what the update uses and what the driver logs."""
+
+    metrics: dict[str, float | str]                  # align/*, router/*, policy/*, gate/* of the step
+    trainer_logprobs: list[torch.Tensor]             # per sequence, the trainer's (for the token files)
+    old_logprobs: list[torch.Tensor]                 # what the update's ratio is taken against
+    token_weights: list[torch.Tensor] | None = None  # alignment policy weights/masks per token
+    action: str = "none"                             # the gate's: none | warn | skip | abort
+    exact_difference: str | None = None              # exact mode: where bitwise equality first broke
+
+    @property
+    def update(self) -> bool:
+        """Whether the update may run (no skip/abort, exact mode's promise kept)."""
+        return self.action not in ("skip", "abort") and self.exact_difference is None
+
+    def __getstate__(self):
+        return _packed_state(self, ("trainer_logprobs", "old_logprobs", "token_weights"))

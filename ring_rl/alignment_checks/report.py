@@ -84,12 +84,17 @@ def save_worst_tokens(run_dir: str | os.PathLike, step: int, rollout_lp: list[to
                       k: int = 20, keep: int = 200, context_chars: int = 160) -> Path:
     """Record this step's `k` largest-|Δ| tokens with the text before them (`decode` is e.g.
     tokenizer.decode) in align_worst.jsonl, which keeps the run's `keep` largest."""
-    found = []
-    for i, (r, t) in enumerate(zip(rollout_lp, trainer_lp)):
-        d = (t.detach().double() - r.detach().double()).abs().cpu()
-        found += [(d[j].item(), i, j) for j in torch.topk(d, min(k, d.numel())).indices.tolist()]
+    def flat(xs):
+        return torch.cat([x.detach().double().cpu() for x in xs] + [torch.zeros(0, dtype=torch.float64)])
+
+    d = (flat(trainer_lp) - flat(rollout_lp)).abs()
+    lens = torch.tensor([x.numel() for x in rollout_lp], dtype=torch.long)
+    seq = torch.repeat_interleave(torch.arange(len(lens)), lens)  # sequence of each token
+    starts = lens.cumsum(0) - lens
     rows = []
-    for _, i, j in sorted(found, reverse=True)[:k]:
+    for t in torch.topk(d, min(k, d.numel())).indices.tolist():  # the step's k largest |Δ|, largest first
+        i = int(seq[t])
+        j = t - int(starts[i])
         a, b = rollout_lp[i][j].item(), trainer_lp[i][j].item()
         if a == b:
             break  # sorted by |Δ|: only bitwise-equal tokens are left

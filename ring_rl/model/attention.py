@@ -177,12 +177,20 @@ def _decode_attention(q, k, v, batch: SeqBatch, layer_idx: int) -> torch.Tensor:
 
 
 def _cached_prefill_attention(q, k, v, batch: SeqBatch, layer_idx: int) -> torch.Tensor:
-    """Several new tokens per sequence on top of cached ones (chunked prefill): per sequence."""
+    """Several new tokens per sequence into the cache. A fresh prefill (nothing cached yet)
+    is the uncached packed form plus one scatter into the slots; on top of cached tokens
+    (chunked prefill) it runs per sequence."""
     cache = batch.cache
-    out = torch.empty_like(q)
-    cu = batch.cu_seqlens.tolist()
     cache.reserve(int((batch.past_lens + torch.diff(batch.cu_seqlens).long()).max()))
     k_cache, v_cache = cache.kv[layer_idx]
+    if not bool(batch.past_lens.any()):
+        seq, pos = batch.token_coords()
+        slot = batch.slots[seq]
+        k_cache[slot, :, pos] = k
+        v_cache[slot, :, pos] = v
+        return _varlen_attention(q, k, v, batch)
+    out = torch.empty_like(q)
+    cu = batch.cu_seqlens.tolist()
     for b in range(len(cu) - 1):
         s, e = cu[b], cu[b + 1]
         if e == s:

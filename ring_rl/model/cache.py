@@ -61,6 +61,15 @@ class RingCache:
                 grown.append(g)
             self.kv[i] = (grown[0], grown[1])
 
+    def copy_slots(self, src: torch.Tensor, dst: torch.Tensor) -> None:
+        """Slots `dst` continue from what slots `src` hold (e.g. a prompt prefilled once)."""
+        self.lengths[dst] = self.lengths[src]
+        for s in self.state.values():
+            s[dst] = s[src]
+        for k, v in self.kv.values():
+            k[dst] = k[src]
+            v[dst] = v[src]
+
     def reset(self, slots: torch.Tensor | None = None) -> None:
         """Free slots for new sequences (all slots when `slots` is None)."""
         idx = slice(None) if slots is None else slots

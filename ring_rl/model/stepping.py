@@ -43,7 +43,7 @@ def run_schedule(model: RingLinearForCausalLM, prompts: list[list[int]], max_new
     res = ScheduleResult([[] for _ in range(n)], [[] for _ in range(n)], [[] for _ in range(n)],
                          [False] * n, [[] for _ in range(n)])
     logits = _prefill(model, prompts, cache, res.routes, prefill_chunk)
-    active = torch.arange(n, device=dev)
+    active = torch.arange(n, device=dev)  # the rows still going; row active[j] lives in cache slot j
     for step in range(max_new_tokens):
         rows = active.tolist()
         tokens, done = choose(step, rows, logits)
@@ -59,23 +59,31 @@ def run_schedule(model: RingLinearForCausalLM, prompts: list[list[int]], max_new
         keep = ~done
         if step == max_new_tokens - 1 or not bool(keep.any()):
             break
+        if not bool(keep.all()):  # the rows left move up to slots 0..m-1: one copy now, none per step
+            cache.copy_slots(keep.nonzero().squeeze(-1), torch.arange(int(keep.sum()), device=dev))
         active, tokens = active[keep], tokens[keep]
-        batch = SeqBatch.build(torch.ones(active.numel(), dtype=torch.long, device=dev), cache, active)
+        slots = torch.arange(active.numel(), device=dev)
+        batch = SeqBatch.build(torch.ones(active.numel(), dtype=torch.long, device=dev), cache, slots)
         logits, out = model.forward_flat(tokens, batch)
         _record(res.routes, active.tolist(), out.router_ids, [1] * active.numel())
     return res
 
 
 def _prefill(model, prompts, cache, routes, chunk) -> torch.Tensor:
-    """Run the prompts (in chunks of `chunk` tokens if > 0); return each one's last logits."""
+    """Run the prompts (in chunks of `chunk` tokens if > 0); return each one's last logits.
+
+    A prompt that occurs several times (GRPO samples a group of responses per prompt) is run
+    once, at its first row; the others copy that row's cache slot, logits and experts."""
     dev, n = model.lm_head.weight.device, len(prompts)
     lens = [len(p) for p in prompts]
     if min(lens) < 1:
         raise ValueError("every prompt needs at least one token")
+    first: dict[tuple, int] = {}
+    source = [first.setdefault(tuple(p), i) for i, p in enumerate(prompts)]
     chunk = chunk or max(lens)
     last = [None] * n
     for start in range(0, max(lens), chunk):
-        rows = [i for i in range(n) if lens[i] > start]
+        rows = [i for i in range(n) if lens[i] > start and source[i] == i]
         pieces = [prompts[i][start:start + chunk] for i in rows]
         ids = torch.tensor([t for p in pieces for t in p], dtype=torch.long, device=dev)
         seqlens = [len(p) for p in pieces]
@@ -87,6 +95,11 @@ def _prefill(model, prompts, cache, routes, chunk) -> torch.Tensor:
             end += seqlens[j]
             if start + chunk >= lens[i]:
                 last[i] = logits[end - 1]
+    copies = [i for i in range(n) if source[i] != i]
+    if copies:
+        cache.copy_slots(torch.tensor([source[i] for i in copies], device=dev), torch.tensor(copies, device=dev))
+        for i in copies:
+            last[i], routes[i] = last[source[i]], list(routes[source[i]])
     return torch.stack(last)
 
 

@@ -11,16 +11,15 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import ray
 import torch
 from tqdm import tqdm
 
-from ring_rl.alignment_checks.gate import check_gate, known_metric_names, validate_rules
-from ring_rl.alignment_checks.metrics import logprob_mismatch, router_flip_rate
-from ring_rl.alignment_checks.exact import first_exact_difference
-from ring_rl.alignment_checks.policies import apply_policy
+from ring_rl.alignment_checks.gate import known_metric_names, validate_rules
 from ring_rl.alignment_checks.report import save_token_arrays, save_worst_tokens, write_report
+from ring_rl.alignment_checks.step import StepCheck
 from ring_rl.config import RunConfig, save_config
 from ring_rl.rl.data import PromptBatch, PromptStream, load_prompts, tokenize_prompts
 from ring_rl.rl.evaluate import evaluate
@@ -86,13 +85,24 @@ def _train_once(cfg: RunConfig, model_dir: str | Path, tokenizer) -> RunResult:
         bar = tqdm(range(start_step + 1, cfg.run.steps + 1), initial=start_step, total=cfg.run.steps,
                    desc="GRPO", unit="step", dynamic_ncols=True,
                    disable=not sys.stderr.isatty())  # a log file gets the line per step below instead
-        row = {}
+        row, check = {}, StepCheck(cfg.alignment, moe_layers)
+
+        def next_rollout(step: int) -> ScoredRollout:
+            return generate_and_score(cfg, step, stream, workers, tokenizer, reward_fn)
+
+        ahead = None  # the next step's rollout, made during this step's update (rollout.max_staleness=1)
         for step in bar:
-            row, samples = grpo_step(cfg, step, stream.next_batch(), workers, tokenizer, reward_fn,
-                                     run_dir, moe_layers)
-            row["data/epoch"], row["data/index"] = stream.position.epoch, stream.position.index
+            t0 = time.perf_counter()
+            scored = ahead or next_rollout(step)
+            overlap = cfg.rollout.max_staleness > 0 and step < cfg.run.steps
+            row, samples, ahead = grpo_step(cfg, scored, workers, tokenizer, run_dir, check,
+                                            (lambda s=step + 1: next_rollout(s)) if overlap else None)
+            row["perf/step_s"] = time.perf_counter() - t0
+            row["data/epoch"], row["data/index"] = scored.stream_state["epoch"], scored.stream_state["index"]
             write_samples(run_dir, step, samples)
             if test_data is not None and (step % cfg.run.eval_every == 0 or step == cfg.run.steps):
+                if workers.version != row.get("weights/version", workers.version):
+                    workers.sync_weights()  # overlapped steps leave the rollout one version behind
                 row.update(evaluate(workers, test_data, tokenizer, reward_fn, cfg))
             metrics.log(step, row)
             if "exact/first_difference" in row:
@@ -109,7 +119,7 @@ def _train_once(cfg: RunConfig, model_dir: str | Path, tokenizer) -> RunResult:
                 log.info("step %d/%d: reward %.3f, %.1f s", step, cfg.run.steps, row["reward/mean"], row["perf/step_s"])
             if ((cfg.run.checkpoint_every and step % cfg.run.checkpoint_every == 0) or step == cfg.run.steps
                     or stop.requested):
-                saved = save_checkpoint(ckpts, workers, step, stream, acc_before)
+                saved = save_checkpoint(ckpts, workers, step, scored.stream_state, acc_before)
                 if stop.requested and step < cfg.run.steps:
                     raise RunStopped(f"stopped after step {step} of {cfg.run.steps}; checkpoint {saved}; "
                                      "run again with --resume to continue", stop.signum)
@@ -138,21 +148,25 @@ def moe_layer_indices(model_dir) -> list[int]:
     return [i for i in range(config.num_hidden_layers) if config.is_moe_layer(i)]
 
 
-def router_flips(rollout: RolloutBatch, trainer_ids: list, moe_layers: list[int]) -> dict[str, float]:
-    """Per MoE layer, the share of positions where the trainer picked another expert set
-    than the rollout engine recorded (both [layers, positions, k] per sequence)."""
-    pairs = [(r, t) for r, t in zip(rollout.router_ids or [], trainer_ids or [])
-             if r is not None and t is not None and r.shape[1] > 0]
-    if not pairs:
-        return {}
-    rates = router_flip_rate(torch.cat([r for r, _ in pairs], 1), torch.cat([t for _, t in pairs], 1))
-    out = {f"router/flip_layer_{i}": float(v) for i, v in zip(moe_layers, rates)}
-    out["router/flip_mean"] = float(rates.mean())
-    return out
+@dataclass
+class ScoredRollout:
+    """One step's rollout with its rewards, ready for the update."""
+    step: int
+    prompts: PromptBatch
+    stream_state: dict  # the prompt stream just after this batch: what this step's checkpoint saves
+    rollout: RolloutBatch
+    texts: list[str]
+    rewards: torch.Tensor
+    advantages: torch.Tensor
+    equal_groups: int
+    rollout_s: float
+    reward_s: float
 
 
-def grpo_step(cfg: RunConfig, step: int, prompts: PromptBatch, workers: Workers, tokenizer,
-              reward_fn: RewardFn, run_dir: Path, moe_layers: list[int]) -> tuple[dict, list[dict]]:
+def generate_and_score(cfg: RunConfig, step: int, stream: PromptStream, workers: Workers, tokenizer,
+                       reward_fn: RewardFn) -> ScoredRollout:
+    """The next prompts, G samples of each from the rollout actors, their rewards and advantages."""
+    prompts = stream.next_batch()
     t0 = time.perf_counter()
     G = cfg.rollout.group_size
     prompt_ids = tokenize_prompts(prompts.prompts, tokenizer)
@@ -163,62 +177,68 @@ def grpo_step(cfg: RunConfig, step: int, prompts: PromptBatch, workers: Workers,
     seeds = [((cfg.rollout.seed * 1_000_003 + step) * 100_003 + i) % 2**31 for i in range(len(seq_prompts))]
     rollout = workers.generate(seq_prompts, params, seeds, prompts.sequence_group_ids())
     t_rollout = time.perf_counter()
-
     texts = tokenizer.batch_decode([r.tolist() for r in rollout.response_ids], skip_special_tokens=True)
     rewards = torch.tensor(reward_fn.score(texts, prompts.sequence_answers()), dtype=torch.float32)
     advantages, equal_groups = group_advantages(rewards, G, std_norm=cfg.trainer.adv_std_norm)
-    t_reward = time.perf_counter()
+    equal_groups = int(equal_groups.sum()) if hasattr(equal_groups, "sum") else equal_groups
+    return ScoredRollout(step, prompts, stream.state_dict(), rollout, texts, rewards, advantages, equal_groups,
+                         t_rollout - t0, time.perf_counter() - t_rollout)
 
-    # Alignment: diff the engines' logprobs of the same tokens, correct, gate — then train.
-    trainer_lp, trainer_ids = workers.trainer_logprobs(rollout, replay=cfg.alignment.routing_replay)
-    align = logprob_mismatch(rollout.logprobs, trainer_lp)
-    align.update(router_flips(rollout, trainer_ids, moe_layers))
-    if cfg.alignment.mode == "exact":
-        broken = first_exact_difference(rollout.logprobs, trainer_lp, rollout.router_ids, trainer_ids, moe_layers)
-        align["align/exact_ok"] = float(broken is None)
-    policy = apply_policy(cfg.alignment, rollout.logprobs, trainer_lp)
-    gate = check_gate(cfg.alignment.gate, {**align, **policy.metrics}) if align["align/tokens"] else None
-    save_token_arrays(run_dir, step, rollout.logprobs, trainer_lp)
-    save_worst_tokens(run_dir, step, rollout.logprobs, trainer_lp, rollout.prompt_ids, rollout.response_ids,
-                      tokenizer.decode)
-    t_align = time.perf_counter()
-    train_stats = {}
-    if cfg.alignment.mode == "exact" and broken is not None:  # no update on a broken promise
-        return {**align, "exact/first_difference": broken, "perf/step_s": time.perf_counter() - t0}, []
-    if gate is None or gate.action not in ("skip", "abort"):
-        batch = TrainBatch(rollout=rollout, rewards=rewards, advantages=advantages,
-                           old_logprobs=policy.old_logprobs, token_weights=policy.token_weights)
-        train_stats = workers.train(batch)
+
+def grpo_step(cfg: RunConfig, scored: ScoredRollout, workers: Workers, tokenizer, run_dir: Path,
+              check: StepCheck, produce_next: Callable[[], ScoredRollout] | None = None,
+              ) -> tuple[dict, list[dict], ScoredRollout | None]:
+    """The alignment check and the update of one scored rollout, both in the trainer (one
+    call; see TrainerEngine.check_and_train), and the weight sync. With `produce_next`, the
+    next step's rollout is made while the trainer works, with the weights from before this
+    update (rollout.max_staleness=1): they are asked for ahead of the update in the trainer's
+    queue and handed to the rollout actors while it runs. Else the new weights follow it.
+    → (metrics row, samples, the next step's rollout or None)."""
+    t0, rollout = time.perf_counter(), scored.rollout
+    batch = TrainBatch(rollout=rollout, rewards=scored.rewards, advantages=scored.advantages)
+    before = workers.request_weights() if produce_next is not None else None
+    pending = workers.submit_check_and_train(batch, check)
+    ahead, sync_s = None, 0.0
+    if produce_next is not None:
+        workers.sync_weights(before)
+        sync_s = time.perf_counter() - t0
+        ahead = produce_next()
+    t_ahead = time.perf_counter()
+    train_stats, report = workers.trainer_result(pending)
     t_train = time.perf_counter()
-    version = workers.sync_weights() if train_stats else workers.version
-    t_sync = time.perf_counter()
+    save_token_arrays(run_dir, scored.step, rollout.logprobs, report.trainer_logprobs)
+    save_worst_tokens(run_dir, scored.step, rollout.logprobs, report.trainer_logprobs, rollout.prompt_ids,
+                      rollout.response_ids, tokenizer.decode)
+    t_align = time.perf_counter()
+    if report.exact_difference is not None:  # no update ran on a broken promise
+        return {**report.metrics, "exact/first_difference": report.exact_difference}, [], None
+    if produce_next is None and train_stats:
+        workers.sync_weights()
+        sync_s = time.perf_counter() - t_align
 
-    n_tokens = rollout.num_response_tokens
-    answers = prompts.sequence_answers()
+    n_tokens, rewards, texts = rollout.num_response_tokens, scored.rewards, scored.texts
+    answers = scored.prompts.sequence_answers()
     samples = [{"prompt": tokenizer.decode(rollout.prompt_ids[i].tolist()), "response": texts[i],
-                "gold": answers[i], "reward": rewards[i].item()} for i in range(min(G, len(texts)))]
+                "gold": answers[i], "reward": rewards[i].item()} for i in range(min(cfg.rollout.group_size, len(texts)))]
     return {
         "reward/mean": rewards.mean().item(),
         "reward/std": rewards.std().item() if len(rewards) > 1 else 0.0,
         "reward/accuracy": (rewards > 0.5).float().mean().item(),
-        "reward/equal_reward_groups": int(equal_groups.sum()) if hasattr(equal_groups, "sum") else equal_groups,
+        "reward/equal_reward_groups": scored.equal_groups,
         "response/length_mean": n_tokens / len(rollout),
         "response/eos_frac": sum(f == "eos" for f in rollout.finish_reasons) / len(rollout),
         **{f"train/{k}": v for k, v in train_stats.items()},
-        **align,
-        **policy.metrics,
-        **(gate.as_row() if gate is not None else {}),
-        "weights/version": version,
+        **report.metrics,  # align/*, router/*, policy/*, gate/*, rollout/staleness, weights/version
         "rollout/sequences": len(rollout),
         "rollout/actor_restarts": workers.restarts,  # replaced rollout actors so far in this run
-        "perf/rollout_tokens_per_s": n_tokens / max(t_rollout - t0, 1e-9),
-        "perf/rollout_s": t_rollout - t0,
-        "perf/reward_s": t_reward - t_rollout,
-        "perf/align_s": t_align - t_reward,
-        "perf/train_s": t_train - t_align,
-        "perf/sync_s": t_sync - t_train,
-        "perf/step_s": t_sync - t0,
-    }, samples
+        "perf/rollout_tokens_per_s": n_tokens / max(scored.rollout_s, 1e-9),
+        "perf/rollout_s": scored.rollout_s,
+        "perf/reward_s": scored.reward_s,
+        "perf/train_s": t_train - t0,       # check + update as the driver waits for them
+        "perf/overlap_s": t_ahead - t0,     # of which spent on the next step's rollout (and its weights)
+        "perf/align_s": t_align - t_train,  # the per-token files
+        "perf/sync_s": sync_s,
+    }, samples, ahead
 
 
 def write_samples(run_dir: Path, step: int, samples: list[dict]) -> None:
@@ -228,11 +248,11 @@ def write_samples(run_dir: Path, step: int, samples: list[dict]) -> None:
             f.write(json.dumps({"step": step, **sample}) + "\n")
 
 
-def save_checkpoint(ckpts: CheckpointDirs, workers: Workers, step: int, stream: PromptStream,
+def save_checkpoint(ckpts: CheckpointDirs, workers: Workers, step: int, stream_state: dict,
                     acc_before: float | None) -> Path:
     staging = ckpts.staging(step)
     workers.save_trainer(staging / "trainer")
-    return ckpts.commit(staging, step, {"stream": stream.state_dict(), "accuracy_before": acc_before})
+    return ckpts.commit(staging, step, {"stream": stream_state, "accuracy_before": acc_before})
 
 
 def _resume_point(cfg: RunConfig, ckpts: CheckpointDirs) -> Path | None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import time
 from pathlib import Path
 
 METRICS_FILE = "metrics.jsonl"
@@ -22,14 +23,16 @@ class MetricsLogger:
         return truncate_jsonl(self.path, step)
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
-        row = {"step": step, **{k: _plain(v) for k, v in metrics.items()}}
+        """One row: the step, its wall-clock time (Unix seconds; row-to-row differences are
+        the run's real pace, everything between steps included), the metrics."""
+        row = {"step": step, "time": round(time.time(), 4), **{k: _plain(v) for k, v in metrics.items()}}
         with open(self.path, "a") as f:
             f.write(json.dumps(row) + "\n")
             f.flush()
             os.fsync(f.fileno())
         if self.tb is not None:
             for key, value in row.items():
-                if key != "step" and isinstance(value, (int, float)) and math.isfinite(value):
+                if key not in ("step", "time") and isinstance(value, (int, float)) and math.isfinite(value):
                     self.tb.add_scalar(key, value, step)
             self.tb.flush()
 

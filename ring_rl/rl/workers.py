@@ -52,6 +52,7 @@ class Workers:
         self.restarts = 0  # rollout actors replaced so far in this run
         self.pg, trainer_idx, self.rollout_bundles = actor_groups(cfg)
         self.trainer, self.rollouts = None, []
+        self._payload = None  # the last weights sent, kept when steps overlap (see sync_weights)
         try:
             self._start(trainer_idx[0], trainer_state)
         except BaseException:  # a failed start must not keep the bundles a retry needs
@@ -95,6 +96,16 @@ class Workers:
     def train(self, batch: TrainBatch) -> dict:
         return self._trainer_get("train_step", self.trainer.train_step.remote(batch, self.cfg.alignment.routing_replay))
 
+    def submit_check_and_train(self, batch: TrainBatch, check) -> ray.ObjectRef:
+        """Start the step's alignment check and update in the trainer (`check_and_train`);
+        `trainer_result` waits for its (train stats, AlignmentReport). The driver may use the
+        rollout actors meanwhile (rollout.max_staleness=1)."""
+        return self.trainer.check_and_train.remote(batch, check, self.cfg.alignment.routing_replay,
+                                                   self.cfg.alignment.mode == "exact", self.cfg.rollout.max_staleness)
+
+    def trainer_result(self, ref: ray.ObjectRef, what: str = "check_and_train"):
+        return self._trainer_get(what, ref)
+
     def save_trainer(self, path: Path) -> None:
         self._trainer_get("save", self.trainer.save.remote(str(path)))
 
@@ -123,20 +134,29 @@ class Workers:
             raise RuntimeError(f"rollout merge: {len(batch.group_ids)} sequences back for {len(group_ids)} sent")
         return batch
 
-    def sync_weights(self) -> int:
+    def request_weights(self) -> ray.ObjectRef:
+        """Ask the trainer for its weights now (ahead of any call queued after this one);
+        `sync_weights(ref)` hands them out later."""
+        return self.trainer.weights_for_rollout.remote()
+
+    def sync_weights(self, requested: ray.ObjectRef | None = None) -> int:
         """Trainer → object store → every rollout worker; returns the new version. The
-        trainer's result goes to the workers as an ObjectRef, never through the driver."""
-        payload = self._weights_payload()
+        trainer's result goes to the workers as an ObjectRef, never through the driver.
+        requested: a `request_weights()` made earlier, else the trainer's weights now."""
+        payload = self._weights_payload(requested)
         versions = self._on_rollouts({i: (lambda w: w.load_weights_payload.remote(payload))
                                       for i in range(len(self.rollouts))}, "load_weights", reload_weights=False)
         self.version = versions[0]
+        # Overlapped steps generate while the trainer already holds newer weights: a replaced
+        # rollout actor must get these, so keep them (one more copy in the object store).
+        self._payload = payload if self.cfg.rollout.max_staleness else None
         return self.version
 
-    def _weights_payload(self):
+    def _weights_payload(self, requested: ray.ObjectRef | None = None):
         """The trainer's (version, state dict) as an ObjectRef, once it exists. Waiting here
         (without pulling the weights into the driver) keeps a hung trainer from looking like
         hung rollout actors that wait on their argument."""
-        payload = self.trainer.weights_for_rollout.remote()
+        payload = requested if requested is not None else self.request_weights()
         if not ray.wait([payload], timeout=self.timeout_s, fetch_local=False)[0]:
             raise TrainerFailed(f"trainer actor: weights_for_rollout did not answer in {self.timeout_s:.0f} s "
                                 "(hung? ray.call_timeout_s sets the limit)")
@@ -196,7 +216,7 @@ class Workers:
         ray.kill(self.rollouts[i], no_restart=True)
         self.rollouts[i] = self._start_rollout(self.rollout_bundles[i])
         if reload_weights and self.version >= 0:
-            payload = self._weights_payload()
+            payload = self._payload if self._payload is not None else self._weights_payload()
             try:
                 got = ray.get(self.rollouts[i].load_weights_payload.remote(payload), timeout=self.timeout_s)
             except GetTimeoutError:

