@@ -71,6 +71,9 @@ class Workers:
         self.rollouts = [self._start_rollout(b) for b in self.rollout_bundles]
         if trainer_state is not None:
             self._trainer_get("load", self.trainer.load.remote(str(trainer_state)))
+        self._sync_generation = 0
+        if cfg.rollout.weight_sync == "collective":
+            self._join_sync_group()
         self.version = -1
         self.sync_weights()  # rollout starts from the trainer's weights (a resumed run's too)
 
@@ -142,7 +145,10 @@ class Workers:
     def sync_weights(self, requested: ray.ObjectRef | None = None) -> int:
         """Trainer → object store → every rollout worker; returns the new version. The
         trainer's result goes to the workers as an ObjectRef, never through the driver.
-        requested: a `request_weights()` made earlier, else the trainer's weights now."""
+        requested: a `request_weights()` made earlier, else the trainer's weights now.
+        With rollout.weight_sync=collective the trainer broadcasts them instead."""
+        if self.cfg.rollout.weight_sync == "collective":
+            return self._broadcast_weights()
         payload = self._weights_payload(requested)
         versions = self._on_rollouts({i: (lambda w: w.load_weights_payload.remote(payload))
                                       for i in range(len(self.rollouts))}, "load_weights", reload_weights=False)
@@ -151,6 +157,32 @@ class Workers:
         # rollout actor must get these, so keep them (one more copy in the object store).
         self._payload = payload if self.cfg.rollout.max_staleness else None
         return self.version
+
+    def _join_sync_group(self) -> None:
+        """(Re)build the trainer → rollout broadcast group (ring_rl.rl.weight_sync); again
+        after a rollout actor was replaced, since a group's members are fixed."""
+        self._sync_generation += 1
+        (host, port), manifest = self._trainer_get("sync_setup", self.trainer.sync_setup.remote())
+        world, gen = 1 + len(self.rollouts), self._sync_generation
+        refs = [self.trainer.sync_join.remote(host, port, world, gen)]
+        refs += [r.sync_join.remote(host, port, i + 1, world, manifest, gen) for i, r in enumerate(self.rollouts)]
+        try:
+            ray.get(refs, timeout=self.timeout_s)
+        except (GetTimeoutError, RayActorError) as e:
+            raise ActorFailed(f"weight-sync group ({world} members at {host}:{port}) did not form: "
+                              f"{_first_line(e)}") from None
+
+    def _broadcast_weights(self) -> int:
+        send = self.trainer.sync_send.remote()
+        try:
+            versions = ray.get([r.sync_receive.remote() for r in self.rollouts], timeout=self.timeout_s)
+        except (GetTimeoutError, RayActorError) as e:
+            raise RolloutFailed(f"weight broadcast to the rollout actors failed: {_first_line(e)}") from None
+        version, _ = self._trainer_get("sync_send", send)
+        if set(versions) != {version}:
+            raise RolloutFailed(f"weight broadcast: rollout actors report versions {versions}, the trainer sent {version}")
+        self.version = version
+        return version
 
     def _weights_payload(self, requested: ray.ObjectRef | None = None):
         """The trainer's (version, state dict) as an ObjectRef, once it exists. Waiting here
@@ -215,6 +247,8 @@ class Workers:
                     i, reason, self.version)
         ray.kill(self.rollouts[i], no_restart=True)
         self.rollouts[i] = self._start_rollout(self.rollout_bundles[i])
+        if self.cfg.rollout.weight_sync == "collective":
+            self._join_sync_group()  # the replacement's first weights still come through the object store
         if reload_weights and self.version >= 0:
             payload = self._payload if self._payload is not None else self._weights_payload()
             try:

@@ -39,6 +39,8 @@ class RolloutWorker:
             model = load_checkpoint(model_dir, dtype=torch_dtype).to(device)
             self.engine = NativeEngine(model, eos, prefill_chunk=prefill_chunk)
         self.pid = os.getpid()
+        self.device = device
+        self._sync = None
 
     def generate(self, prompts: list[list[int]], params: SamplingParams, expected_version: int | None = None,
                  seeds: list[int] | None = None, group_ids: list[int] | None = None) -> RolloutBatch:
@@ -51,6 +53,18 @@ class RolloutWorker:
     def load_weights_payload(self, payload: tuple[int, dict[str, torch.Tensor]]) -> int:
         """The trainer's `weights_for_rollout()` result as it is (version, state dict)."""
         return self.load_weights(*payload)
+
+    def sync_join(self, host: str, port: int, rank: int, world: int, manifest, generation: int = 0) -> None:
+        """Join the trainer's weight-sync group (`rollout.weight_sync: collective`)."""
+        from ring_rl.rl.weight_sync import SyncGroup
+
+        self._sync, self._manifest = SyncGroup(host, port, rank, world, self.device, generation), manifest
+
+    def sync_receive(self) -> int:
+        """Take the trainer's broadcast (on this actor's device); returns its weights version."""
+        version, state = self._sync.receive(self._manifest)
+        self.engine.load_weights(state, version)
+        return version
 
     def weight_version(self) -> int:
         return self.engine.weight_version

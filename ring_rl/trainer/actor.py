@@ -20,3 +20,22 @@ class TrainerActor(TrainerEngine):
 
     def get_pid(self) -> int:
         return os.getpid()
+
+    # -- the trainer's end of the collective weight sync (ring_rl.rl.weight_sync) ---------------
+    def sync_setup(self):
+        """(host, port) for the group's store, and the manifest the receivers need."""
+        from ring_rl.rl.weight_sync import free_address, manifest_of
+
+        self._sync_manifest = manifest_of(self.model.state_dict())
+        return free_address(), self._sync_manifest
+
+    def sync_join(self, host: str, port: int, world: int, generation: int = 0) -> None:
+        from ring_rl.rl.weight_sync import SyncGroup
+
+        self._sync = SyncGroup(host, port, 0, world, self.device, generation)
+
+    def sync_send(self) -> tuple[int, int]:
+        """Broadcast the current weights (full tensors even under ZeRO-3) → (version, bytes)."""
+        with self._gathered():
+            sent = self._sync.send(self.model.state_dict(), self._sync_manifest, self.version)
+        return self.version, sent

@@ -1,0 +1,96 @@
+"""Trainer → rollout weights over a collective: NCCL between GPUs, gloo on CPU.
+
+The default path (`rollout.weight_sync: object_store`) copies the trainer's state dict to host
+memory and hands it to every rollout actor through Ray's object store. With
+`rollout.weight_sync: collective` the trainer broadcasts the weights instead, from its device
+straight to each rollout actor's device (the split layout: trainer on one GPU, vLLM on
+another), over a process group of its own: rank 0 is the trainer, rank i + 1 rollout actor i.
+The group is built from a TCP store rather than torch.distributed's default group, which
+DeepSpeed (trainer) and vLLM (rollout) already own in their processes.
+
+A sync is the weights' version (one int64), then one broadcast per dtype: the trainer packs
+the state dict into one flat buffer per dtype in manifest order. The receivers got the manifest (names, shapes, dtypes) once, at setup, and
+unpack views of their buffers.
+"""
+from __future__ import annotations
+
+import socket
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+Manifest = list[tuple[str, tuple[int, ...], str]]  # (name, shape, dtype name), in send order
+TIMEOUT = timedelta(seconds=600)
+
+
+def free_address() -> tuple[str, int]:
+    """This node's address and a free TCP port, for the group's store (rank 0 serves it)."""
+    import ray
+
+    host = ray.util.get_node_ip_address() if ray.is_initialized() else "127.0.0.1"
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return host, s.getsockname()[1]
+
+
+def manifest_of(state: dict[str, torch.Tensor]) -> Manifest:
+    return [(name, tuple(t.shape), str(t.dtype).removeprefix("torch.")) for name, t in state.items()]
+
+
+def _by_dtype(manifest: Manifest) -> dict[str, list[int]]:
+    groups: dict[str, list[int]] = {}
+    for i, (_, _, dtype) in enumerate(manifest):
+        groups.setdefault(dtype, []).append(i)
+    return groups
+
+
+class SyncGroup:
+    """One member of the weight-sync group (call the constructor on every rank at once: it
+    waits for all of them)."""
+
+    def __init__(self, host: str, port: int, rank: int, world: int, device: str | torch.device,
+                 generation: int = 0):
+        self.rank, self.world, self.device = rank, world, torch.device(device)
+        store = dist.TCPStore(host, port, world, is_master=rank == 0, timeout=TIMEOUT)
+        prefix = dist.PrefixStore(f"ring-rl-weights-{generation}", store)
+        if self.device.type == "cuda":
+            self.pg = dist.ProcessGroupNCCL(prefix, rank, world)
+        else:
+            self.pg = dist.ProcessGroupGloo(prefix, rank, world, TIMEOUT)
+        self._store = store  # rank 0 serves it: keep it alive as long as the group
+
+    def send(self, state: dict[str, torch.Tensor], manifest: Manifest, version: int) -> int:
+        """Rank 0: broadcast `version` and `state` (every manifest entry); returns the bytes sent."""
+        self.pg.broadcast(torch.tensor([version], dtype=torch.int64, device=self.device), 0).wait()
+        sent = 0
+        for idx in _by_dtype(manifest).values():
+            flat = torch.cat([state[manifest[i][0]].detach().reshape(-1).to(self.device) for i in idx])
+            self.pg.broadcast(flat, 0).wait()
+            sent += flat.numel() * flat.element_size()
+        return sent
+
+    def receive(self, manifest: Manifest) -> tuple[int, dict[str, torch.Tensor]]:
+        """Other ranks: (version, the broadcast state dict as views of one buffer per dtype)."""
+        version = torch.zeros(1, dtype=torch.int64, device=self.device)
+        self.pg.broadcast(version, 0).wait()
+        out: dict[str, torch.Tensor] = {}
+        for dtype, idx in _by_dtype(manifest).items():
+            sizes = [_numel(manifest[i][1]) for i in idx]
+            flat = torch.empty(sum(sizes), dtype=getattr(torch, dtype), device=self.device)
+            self.pg.broadcast(flat, 0).wait()
+            for i, part in zip(idx, flat.split(sizes)):
+                name, shape, _ = manifest[i]
+                out[name] = part.view(shape)
+        return int(version.item()), {name: out[name] for name, _, _ in manifest}
+
+    def close(self) -> None:
+        self.pg = None
+        self._store = None
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
