@@ -71,12 +71,12 @@ class VllmRollout:
     def __init__(self, model_dir: str | os.PathLike, device: str = "cpu", dtype: str | None = None,
                  gpu_memory_utilization: float = 0.4, engine=None):
         from ring_rl.model import load_model_config
+        from ring_rl.model.checkpoint import checkpoint_dtype
         from ring_rl.rollout.vllm.engine import VllmEngine
 
         config = load_model_config(model_dir)
         if dtype is None:  # the checkpoint's own dtype, as NativeRollout's load_checkpoint takes it
-            saved = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
-            dtype = "bf16" if str(saved).endswith("bfloat16") else "fp32"
+            dtype = "bf16" if checkpoint_dtype(config) == torch.bfloat16 else "fp32"
         eos = config.eos_token_id
         self.engine = engine or VllmEngine(model_dir, eos if isinstance(eos, list) else [eos], dtype=dtype,
                                            device=device, gpu_memory_utilization=gpu_memory_utilization)

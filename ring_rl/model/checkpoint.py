@@ -155,6 +155,12 @@ def read_checkpoint(directory: str | os.PathLike) -> Iterator[tuple[str, torch.T
             raise CheckpointError(f"{path}: unreadable safetensors file ({e})") from None
 
 
+def checkpoint_dtype(config) -> torch.dtype:
+    """The dtype a checkpoint's config.json names (transformers' `dtype`, formerly `torch_dtype`)."""
+    dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or torch.float32
+    return getattr(torch, dtype) if isinstance(dtype, str) else dtype
+
+
 def load_checkpoint(directory: str | os.PathLike, config: RingLinearConfig | None = None,
                     dtype: torch.dtype | str | None = None, ops: ModelOps = DEFAULT_OPS):
     from ring_rl.model.config import load_model_config
@@ -162,8 +168,7 @@ def load_checkpoint(directory: str | os.PathLike, config: RingLinearConfig | Non
 
     directory = Path(directory)
     config = config or load_model_config(directory)
-    if dtype is None or dtype == "auto":
-        dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or torch.float32
+    dtype = checkpoint_dtype(config) if dtype is None or dtype == "auto" else dtype
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)
     with torch.device("meta"):

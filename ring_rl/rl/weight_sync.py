@@ -14,6 +14,7 @@ unpack views of their buffers.
 """
 from __future__ import annotations
 
+import math
 import socket
 from datetime import timedelta
 
@@ -76,7 +77,7 @@ class SyncGroup:
         self.pg.broadcast(version, 0).wait()
         out: dict[str, torch.Tensor] = {}
         for dtype, idx in _by_dtype(manifest).items():
-            sizes = [_numel(manifest[i][1]) for i in idx]
+            sizes = [math.prod(manifest[i][1]) for i in idx]
             flat = torch.empty(sum(sizes), dtype=getattr(torch, dtype), device=self.device)
             self.pg.broadcast(flat, 0).wait()
             for i, part in zip(idx, flat.split(sizes)):
@@ -84,13 +85,3 @@ class SyncGroup:
                 out[name] = part.view(shape)
         return int(version.item()), {name: out[name] for name, _, _ in manifest}
 
-    def close(self) -> None:
-        self.pg = None
-        self._store = None
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n

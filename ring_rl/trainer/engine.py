@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import socket
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -25,43 +24,12 @@ from ring_rl.model.checkpoint import CheckpointError, load_checkpoint
 from ring_rl.trainer.loss import kl_penalty, masked_aggregate, policy_loss
 from ring_rl.trainer.stats import StepStats, check_batch
 from ring_rl.trainer import checkpoint as ckpt
+from ring_rl.trainer.distributed import init_distributed
 from ring_rl.trainer.ds_config import build_ds_config, lr_factor
 from ring_rl.trainer.logprobs import (FlatPolicy, logprob_temperature, micro_batches, pack,
                                       response_sequences, score, stack_router_ids)
 from ring_rl.types import (AlignmentReport, RolloutBatch, TensorDict, TensorList, TrainBatch,
                             check_policy_lag)
-
-
-def init_distributed(device: str) -> None:
-    """A one-process group unless a launcher set RANK/WORLD_SIZE; gloo on CPU, NCCL on GPU."""
-    import deepspeed
-    import torch.distributed as dist
-
-    if dist.is_initialized():
-        # Someone in this process made the group already (vLLM does, for align-check's vLLM
-        # side): DeepSpeed joins it, and only needs to be told this process's local rank.
-        if dist.get_world_size() == 1:
-            os.environ.setdefault("LOCAL_RANK", "0")
-        if device == "cpu":
-            deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
-        return
-
-    backend = "gloo" if device == "cpu" else "nccl"
-    if "WORLD_SIZE" in os.environ:  # a launcher (torchrun, deepspeed) set the rendezvous
-        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False)
-        return
-    # One process: a private rendezvous on a free port, passed explicitly rather than through
-    # MASTER_PORT, which child processes (Ray actors) would inherit and collide on.
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    os.environ.setdefault("LOCAL_RANK", "0")
-    if device == "cpu":
-        # DeepSpeed JIT-compiles a shared-memory all-reduce op for CPU groups (2+ minutes on a
-        # fresh machine); a one-process group never communicates, so mark it unavailable.
-        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
-    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False,
-                               init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
 
 
 class TrainerEngine:

@@ -25,6 +25,7 @@ from ring_rl.model.ops import DEFAULT_OPS
 from ring_rl.model.tokenizer import build_char_tokenizer
 from ring_rl.trainer.logprobs import FlatPolicy, response_sequences
 from ring_rl.types import SamplingParams
+from tests.model_weights import randomise
 
 # T != 1 and a top-k that bites on a 128-token vocabulary: raw, processed and unscaled
 # logprobs all differ, so the sampling-semantics check can tell them apart.
@@ -42,14 +43,8 @@ def _write_model(path, seed: int = 0, perturb: float = 0.0):
     tok = build_char_tokenizer()
     config.eos_token_id, config.pad_token_id = tok.eos_token_id, tok.pad_token_id
     torch.manual_seed(seed)
-    model = RingLinearForCausalLM(config)
+    model = randomise(RingLinearForCausalLM(config))
     with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.add_(0.2 * torch.randn_like(p))
-        for layer in model.model.layers:
-            if layer.is_moe:
-                layer.mlp.gate.expert_bias.normal_(0, 0.05)
         if perturb:
             w = model.model.layers[2].attention.dense.weight
             w.add_(perturb * w.abs().mean() * torch.randn_like(w))

@@ -8,48 +8,37 @@ to fp32 rounding: max error <= 1e-5 of the largest reference value (the paths di
 summation order over <= 1000 terms). GPU tests (marked gpu) repeat at Ring-mini shapes in bf16
 against the fp32 reference: 2e-2 of the largest value (a few bf16 ulps; h and o are rounded to
 bf16 in both paths, but a 1-ulp flip of h propagates through the down projection).
-The switchable paths are tested the same way: the backward's torch._grouped_mm variants
-(triton_experts.BWD_GEMMS; on CPU torch's per-group loop), the Triton counting-sort plan
-(PLAN; bitwise the torch plan) and the router's split gate-weight gradient (DW_SPLIT_ROWS).
+The switchable backward paths are in test_moe_variants.py; shared inputs and checks in
+moe_cases.py.
 """
 from __future__ import annotations
-
 
 import pytest
 import torch
 
-from ring_rl.kernels.moe import triton_experts, triton_experts_bwd, triton_router
 from ring_rl.kernels.moe import (
     moe_experts,
-    moe_experts_ref,
     moe_route,
     moe_route_ref,
     permute_by_expert,
     router_logits,
     router_logits_ref,
+    triton_experts,
+    triton_router,
 )
-
-FP32_TOL = 1e-5
-BF16_TOL = 2e-2
-gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-
-
-def assert_close(out, ref, tol=FP32_TOL, name=""):
-    assert out.shape == ref.shape and out.dtype == ref.dtype, name
-    out, ref = out.double(), ref.double()
-    assert torch.isfinite(out).all(), f"{name}: non-finite values"
-    err = (out - ref).abs().max().item()
-    scale = ref.abs().max().item()
-    assert err <= tol * scale, f"{name}: max error {err:.3g} > {tol:g} * {scale:.3g}"
-
-
-def rnd(gen, *shape, scale=1.0, device="cpu", dtype=torch.float32):
-    return (torch.randn(*shape, generator=gen) * scale).to(device=device, dtype=dtype)
-
-
-def route_inputs(t, e, seed=0, device="cpu", bias_scale=0.1):
-    gen = torch.Generator().manual_seed(seed)
-    return rnd(gen, t, e, scale=2.0, device=device), rnd(gen, e, scale=bias_scale, device=device)
+from tests.kernels.moe_cases import (
+    BF16_TOL,
+    EXPERT_NAMES,
+    assert_close,
+    assert_same_plans,
+    check_experts,
+    expert_inputs,
+    gpu,
+    ids_avoiding,
+    rnd,
+    route_inputs,
+    run_experts,
+)
 
 
 # ------------------------------------------------------------------- router_logits (CPU)
@@ -185,36 +174,6 @@ def test_route_rejects_bad_arguments():
 
 
 # --------------------------------------------------------------------- moe_experts (CPU)
-def expert_inputs(t, h, inter, e, k, seed=0, device="cpu", dtype=torch.float32, ids=None):
-    gen = torch.Generator().manual_seed(seed)
-    x = rnd(gen, t, h, device=device, dtype=dtype).requires_grad_()
-    if ids is None:
-        ids = torch.stack([torch.randperm(e, generator=gen)[:k] for _ in range(t)])
-    w = (torch.rand(t, k, generator=gen) + 0.1).to(device).requires_grad_()
-    wgu = rnd(gen, e, 2 * inter, h, scale=h ** -0.5, device=device, dtype=dtype)
-    wd = rnd(gen, e, h, inter, scale=inter ** -0.5, device=device, dtype=dtype)
-    dy = rnd(gen, t, h, device=device, dtype=dtype)
-    return x, ids.to(device), w, wgu.requires_grad_(), wd.requires_grad_(), dy
-
-
-def run_experts(fn, x, ids, w, wgu, wd, dy):
-    """Forward, then the gradients of <y, dy> for x, weights, w_gate_up, w_down."""
-    y = fn(x, ids, w, wgu, wd)
-    grads = torch.autograd.grad((y.float() * dy.float()).sum(), (x, w, wgu, wd))
-    return [y.detach()] + list(grads)
-
-
-EXPERT_NAMES = ["y", "dx", "dweights", "dw_gate_up", "dw_down"]
-
-
-def check_experts(inputs, tol=FP32_TOL):
-    got = run_experts(moe_experts, *inputs)
-    want = run_experts(moe_experts_ref, *inputs)
-    for name, a, b in zip(EXPERT_NAMES, got, want):
-        assert_close(a, b, tol, name)
-    return got
-
-
 @pytest.mark.parametrize("t,h,inter,e,k,fused", [(1, 48, 32, 8, 2, True),
                                                  (37, 48, 32, 8, 3, False),
                                                  (70, 40, 24, 16, 4, True),
@@ -224,13 +183,6 @@ def test_experts_match_reference(triton_mode, monkeypatch, t, h, inter, e, k, fu
     row-wise kernel (both paths are kept; triton_experts.DOWN_BWD_FUSED picks one)."""
     monkeypatch.setattr(triton_experts, "DOWN_BWD_FUSED", fused)
     check_experts(expert_inputs(t, h, inter, e, k, seed=t))
-
-
-def ids_avoiding(t, e, k, idle, seed):
-    """ids [t, k]: k distinct experts per token, none of them in `idle`."""
-    gen = torch.Generator().manual_seed(seed)
-    busy = torch.tensor([x for x in range(e) if x not in idle])
-    return torch.stack([busy[torch.randperm(len(busy), generator=gen)[:k]] for _ in range(t)])
 
 
 def test_experts_with_idle_experts(triton_mode):
@@ -266,69 +218,6 @@ def test_experts_deterministic_and_batch_invariant(triton_mode):
     x, ids, w, wgu, wd, _ = inputs
     y_part = moe_experts(x[:1], ids[:1], w[:1], wgu, wd)
     assert torch.equal(y_part, first[0][:1])
-
-
-@pytest.mark.parametrize("mode", ["gmm_dw", "gmm_dw_dx", "gmm_all"])
-@pytest.mark.parametrize("t,h,inter,e,k,fused", [(37, 40, 48, 8, 3, False),
-                                                 (29, 40, 48, 6, 2, True),
-                                                 (21, 42, 30, 6, 2, False)])
-def test_experts_backward_variants(triton_mode, monkeypatch, mode, t, h, inter, e, k, fused):
-    """The torch._grouped_mm backward paths with the Triton plan, against the reference;
-    experts 0 and e-1 idle (exact zero weight gradients); bitwise reproducible. The G GEMM
-    runs with BLOCK_N 16, BLOCK_K 32: three column blocks (the first copies the dy rows, the
-    last the x rows, the middle one neither) and a ragged K. h=42 fp32 rows are not 16-byte
-    multiples: grouped_mm cannot take them, and the Triton kernels must run instead."""
-    monkeypatch.setattr(triton_experts, "BWD_GEMMS", mode)
-    monkeypatch.setattr(triton_experts, "PLAN", "triton")
-    monkeypatch.setattr(triton_experts, "DOWN_BWD_FUSED", fused)
-    monkeypatch.setitem(triton_experts.CONFIGS, "down_bwd", (16, 16, 32, 4, 1))
-    assert triton_experts_bwd.grouped_mm_ok(torch.zeros(1), h, inter) == (h != 42)
-    inputs = expert_inputs(t, h, inter, e, k, seed=t, ids=ids_avoiding(t, e, k, (0, e - 1), t))
-    got = check_experts(inputs)
-    for g in got[3:]:
-        assert not g[[0, e - 1]].any()
-    again = run_experts(moe_experts, *inputs)
-    for name, a, b in zip(EXPERT_NAMES, got, again):
-        assert torch.equal(a, b), f"{name} not bitwise reproducible"
-
-
-def assert_same_plans(monkeypatch, ids, e):
-    """The Triton plan (counting sort, tile kernel) equals the torch plan bitwise (tiles past
-    the last: same expert E, their row is unused)."""
-    monkeypatch.setattr(triton_experts, "PLAN", "torch")
-    want = triton_experts.make_plan(ids, e)
-    monkeypatch.setattr(triton_experts, "PLAN", "triton")
-    got = triton_experts.make_plan(ids, e)
-    assert got.method == "triton" and want.method == "torch"
-    for name in ("tokens", "slots", "offsets", "inverse", "by_load", "ends"):
-        assert torch.equal(getattr(got, name), getattr(want, name)), name
-    for bm in (16, 128):
-        (te, tr), (te_ref, tr_ref) = got.tiles(bm), want.tiles(bm)
-        live = te_ref < e
-        assert torch.equal(te, te_ref) and torch.equal(tr[live], tr_ref[live]), bm
-
-
-@pytest.mark.parametrize("t,k,e", [(1, 2, 5), (37, 3, 8), (300, 8, 24), (129, 4, 256)])
-def test_plan_counting_sort_matches_torch(triton_mode, monkeypatch, t, k, e):
-    assert_same_plans(monkeypatch, ids_avoiding(t, e, k, (1,), seed=e), e)
-
-
-@pytest.mark.parametrize("t,split_rows", [(1000, 64), (130, 64)])
-def test_router_dw_split_matches_reference(triton_mode, monkeypatch, t, split_rows):
-    """The gate-weight gradient split over the tokens (8 ranges and 2, the last ragged),
-    partials summed in order: fp32-accurate and reproducible; the forward never splits."""
-    gen = torch.Generator().manual_seed(9)
-    x = rnd(gen, t, 100).requires_grad_()
-    w = rnd(gen, 24, 100, scale=0.2).requires_grad_()
-    dl = rnd(gen, t, 24)
-    unsplit = router_logits(x, w)
-    monkeypatch.setattr(triton_router, "DW_SPLIT_ROWS", split_rows)
-    assert triton_router.dw_splits(t) == min(8, t // split_rows) > 1
-    logits = router_logits(x, w)
-    assert torch.equal(logits, unsplit)
-    dw = torch.autograd.grad((logits * dl).sum(), w)[0]
-    assert_close(dw, torch.autograd.grad((router_logits_ref(x, w) * dl).sum(), w)[0], name="dw")
-    assert torch.equal(dw, torch.autograd.grad((router_logits(x, w) * dl).sum(), w)[0])
 
 
 def test_permutation_is_stable_and_inverts():

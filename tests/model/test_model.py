@@ -12,20 +12,14 @@ from ring_rl.cli import main as cli
 from ring_rl.model import (CheckpointError, RingLinearConfig, RingLinearForCausalLM, SeqBatch,
                            load_checkpoint, load_model_config)
 from ring_rl.model.ops import alibi_slopes, decay_hf, decay_vllm
+from tests.model_weights import randomise
 
 FP32_TOL = 1e-5  # fp32 logits: different summation orders differ by ~1e-6
 
 
 def _randomise(model: RingLinearForCausalLM) -> RingLinearForCausalLM:
     """Perturb norms and expert bias so no test passes on all-ones weights or zero bias."""
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.add_(0.2 * torch.randn_like(p))
-        for layer in model.model.layers:
-            if layer.is_moe:
-                layer.mlp.gate.expert_bias.normal_(0, 0.05)
-    return model.eval()
+    return randomise(model).eval()
 
 
 @pytest.fixture(scope="module")

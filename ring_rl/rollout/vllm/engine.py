@@ -101,7 +101,8 @@ class VllmEngine:
 
         raw = torch.load(io.BytesIO(self._rpc("ring_trace_take")[0]), weights_only=True)
         self.last_partial_ops = raw["partial_ops"]
-        return remap(Trace(raw["values"], {}), raw["rid_index"], _prompt_order(outs), prompt_lens)
+        rid_index = {_caller_id(rid): i for rid, i in raw["rid_index"].items()}
+        return remap(Trace(raw["values"], {}), rid_index, _prompt_order(outs), prompt_lens)
 
     def _rpc(self, method: str, *args):
         return self.llm.collective_rpc(method, args=args)
@@ -171,6 +172,10 @@ def _prompt_order(outs) -> dict[str, int]:
     return {o.request_id: i for i, o in enumerate(outs)}
 
 
+def _caller_id(rid: str) -> str:
+    """vLLM runs request `r` as `r-<8 random chars>`; its outputs carry `r`."""
+    return rid.rsplit("-", 1)[0]
+
+
 def _by_request(routes: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """vLLM runs request `r` as `r-<8 random chars>`: key the routes by the caller's id."""
-    return {rid.rsplit("-", 1)[0]: t for rid, t in routes.items()}
+    return {_caller_id(rid): t for rid, t in routes.items()}

@@ -75,10 +75,7 @@ def remap(trace: Trace, rid_index: dict[str, int], prompt_index: dict[str, int],
           prompt_lens: list[int]) -> Trace:
     """Key a VllmRecorder trace by the caller's prompt index; keep only the lm_head rows
     that predict a response token (position ≥ prompt length − 1)."""
-    def caller_id(rid: str) -> str:  # vLLM runs request `r` as `r-<8 random chars>`
-        return rid if rid in prompt_index else rid.rsplit("-", 1)[0]
-
-    to_prompt = {i: prompt_index[caller_id(rid)] for rid, i in rid_index.items() if caller_id(rid) in prompt_index}
+    to_prompt = {i: prompt_index[rid] for rid, i in rid_index.items() if rid in prompt_index}
     values = {}
     for key, by_seq in trace.values.items():
         out = {}

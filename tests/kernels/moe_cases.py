@@ -1,0 +1,82 @@
+"""Inputs and checks shared by the MoE kernel tests (test_moe.py, test_moe_variants.py)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ring_rl.kernels.moe import moe_experts, moe_experts_ref, triton_experts
+
+FP32_TOL = 1e-5
+BF16_TOL = 2e-2
+gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def assert_close(out, ref, tol=FP32_TOL, name=""):
+    assert out.shape == ref.shape and out.dtype == ref.dtype, name
+    out, ref = out.double(), ref.double()
+    assert torch.isfinite(out).all(), f"{name}: non-finite values"
+    err = (out - ref).abs().max().item()
+    scale = ref.abs().max().item()
+    assert err <= tol * scale, f"{name}: max error {err:.3g} > {tol:g} * {scale:.3g}"
+
+
+def rnd(gen, *shape, scale=1.0, device="cpu", dtype=torch.float32):
+    return (torch.randn(*shape, generator=gen) * scale).to(device=device, dtype=dtype)
+
+
+def route_inputs(t, e, seed=0, device="cpu", bias_scale=0.1):
+    gen = torch.Generator().manual_seed(seed)
+    return rnd(gen, t, e, scale=2.0, device=device), rnd(gen, e, scale=bias_scale, device=device)
+
+
+def expert_inputs(t, h, inter, e, k, seed=0, device="cpu", dtype=torch.float32, ids=None):
+    gen = torch.Generator().manual_seed(seed)
+    x = rnd(gen, t, h, device=device, dtype=dtype).requires_grad_()
+    if ids is None:
+        ids = torch.stack([torch.randperm(e, generator=gen)[:k] for _ in range(t)])
+    w = (torch.rand(t, k, generator=gen) + 0.1).to(device).requires_grad_()
+    wgu = rnd(gen, e, 2 * inter, h, scale=h ** -0.5, device=device, dtype=dtype)
+    wd = rnd(gen, e, h, inter, scale=inter ** -0.5, device=device, dtype=dtype)
+    dy = rnd(gen, t, h, device=device, dtype=dtype)
+    return x, ids.to(device), w, wgu.requires_grad_(), wd.requires_grad_(), dy
+
+
+def run_experts(fn, x, ids, w, wgu, wd, dy):
+    """Forward, then the gradients of <y, dy> for x, weights, w_gate_up, w_down."""
+    y = fn(x, ids, w, wgu, wd)
+    grads = torch.autograd.grad((y.float() * dy.float()).sum(), (x, w, wgu, wd))
+    return [y.detach()] + list(grads)
+
+
+EXPERT_NAMES = ["y", "dx", "dweights", "dw_gate_up", "dw_down"]
+
+
+def check_experts(inputs, tol=FP32_TOL):
+    got = run_experts(moe_experts, *inputs)
+    want = run_experts(moe_experts_ref, *inputs)
+    for name, a, b in zip(EXPERT_NAMES, got, want):
+        assert_close(a, b, tol, name)
+    return got
+
+
+def ids_avoiding(t, e, k, idle, seed):
+    """ids [t, k]: k distinct experts per token, none of them in `idle`."""
+    gen = torch.Generator().manual_seed(seed)
+    busy = torch.tensor([x for x in range(e) if x not in idle])
+    return torch.stack([busy[torch.randperm(len(busy), generator=gen)[:k]] for _ in range(t)])
+
+
+def assert_same_plans(monkeypatch, ids, e):
+    """The Triton plan (counting sort, tile kernel) equals the torch plan bitwise (tiles past
+    the last: same expert E, their row is unused)."""
+    monkeypatch.setattr(triton_experts, "PLAN", "torch")
+    want = triton_experts.make_plan(ids, e)
+    monkeypatch.setattr(triton_experts, "PLAN", "triton")
+    got = triton_experts.make_plan(ids, e)
+    assert got.method == "triton" and want.method == "torch"
+    for name in ("tokens", "slots", "offsets", "inverse", "by_load", "ends"):
+        assert torch.equal(getattr(got, name), getattr(want, name)), name
+    for bm in (16, 128):
+        (te, tr), (te_ref, tr_ref) = got.tiles(bm), want.tiles(bm)
+        live = te_ref < e
+        assert torch.equal(te, te_ref) and torch.equal(tr[live], tr_ref[live]), bm

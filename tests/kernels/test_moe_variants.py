@@ -1,0 +1,74 @@
+"""The MoE kernels' switchable paths against the references (CPU, interpreter, fp32): the
+backward's torch._grouped_mm variants (triton_experts.BWD_GEMMS; on CPU torch's per-group
+loop), the Triton counting-sort plan (PLAN; bitwise the torch plan) and the router's split
+gate-weight gradient (triton_router.DW_SPLIT_ROWS). GPU counterparts are in test_moe.py."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ring_rl.kernels.moe import (
+    moe_experts,
+    router_logits,
+    router_logits_ref,
+    triton_experts,
+    triton_experts_bwd,
+    triton_router,
+)
+from tests.kernels.moe_cases import (
+    EXPERT_NAMES,
+    assert_close,
+    assert_same_plans,
+    check_experts,
+    expert_inputs,
+    ids_avoiding,
+    rnd,
+    run_experts,
+)
+
+
+@pytest.mark.parametrize("mode", ["gmm_dw", "gmm_dw_dx", "gmm_all"])
+@pytest.mark.parametrize("t,h,inter,e,k,fused", [(37, 40, 48, 8, 3, False),
+                                                 (29, 40, 48, 6, 2, True),
+                                                 (21, 42, 30, 6, 2, False)])
+def test_experts_backward_variants(triton_mode, monkeypatch, mode, t, h, inter, e, k, fused):
+    """The torch._grouped_mm backward paths with the Triton plan, against the reference;
+    experts 0 and e-1 idle (exact zero weight gradients); bitwise reproducible. The G GEMM
+    runs with BLOCK_N 16, BLOCK_K 32: three column blocks (the first copies the dy rows, the
+    last the x rows, the middle one neither) and a ragged K. h=42 fp32 rows are not 16-byte
+    multiples: grouped_mm cannot take them, and the Triton kernels must run instead."""
+    monkeypatch.setattr(triton_experts, "BWD_GEMMS", mode)
+    monkeypatch.setattr(triton_experts, "PLAN", "triton")
+    monkeypatch.setattr(triton_experts, "DOWN_BWD_FUSED", fused)
+    monkeypatch.setitem(triton_experts.CONFIGS, "down_bwd", (16, 16, 32, 4, 1))
+    assert triton_experts_bwd.grouped_mm_ok(torch.zeros(1), h, inter) == (h != 42)
+    inputs = expert_inputs(t, h, inter, e, k, seed=t, ids=ids_avoiding(t, e, k, (0, e - 1), t))
+    got = check_experts(inputs)
+    for g in got[3:]:
+        assert not g[[0, e - 1]].any()
+    again = run_experts(moe_experts, *inputs)
+    for name, a, b in zip(EXPERT_NAMES, got, again):
+        assert torch.equal(a, b), f"{name} not bitwise reproducible"
+
+
+@pytest.mark.parametrize("t,k,e", [(1, 2, 5), (37, 3, 8), (300, 8, 24), (129, 4, 256)])
+def test_plan_counting_sort_matches_torch(triton_mode, monkeypatch, t, k, e):
+    assert_same_plans(monkeypatch, ids_avoiding(t, e, k, (1,), seed=e), e)
+
+
+@pytest.mark.parametrize("t,split_rows", [(1000, 64), (130, 64)])
+def test_router_dw_split_matches_reference(triton_mode, monkeypatch, t, split_rows):
+    """The gate-weight gradient split over the tokens (8 ranges and 2, the last ragged),
+    partials summed in order: fp32-accurate and reproducible; the forward never splits."""
+    gen = torch.Generator().manual_seed(9)
+    x = rnd(gen, t, 100).requires_grad_()
+    w = rnd(gen, 24, 100, scale=0.2).requires_grad_()
+    dl = rnd(gen, t, 24)
+    unsplit = router_logits(x, w)
+    monkeypatch.setattr(triton_router, "DW_SPLIT_ROWS", split_rows)
+    assert triton_router.dw_splits(t) == min(8, t // split_rows) > 1
+    logits = router_logits(x, w)
+    assert torch.equal(logits, unsplit)
+    dw = torch.autograd.grad((logits * dl).sum(), w)[0]
+    assert_close(dw, torch.autograd.grad((router_logits_ref(x, w) * dl).sum(), w)[0], name="dw")
+    assert torch.equal(dw, torch.autograd.grad((router_logits(x, w) * dl).sum(), w)[0])
