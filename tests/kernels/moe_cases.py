@@ -1,23 +1,12 @@
 """Inputs and checks shared by the MoE kernel tests (test_moe.py, test_moe_variants.py)."""
 from __future__ import annotations
 
-import pytest
 import torch
 
 from ring_rl.kernels.moe import moe_experts, moe_experts_ref, triton_experts
+from tests.kernels.checks import FP32_TOL, assert_close, gpu  # noqa: F401 (re-exported)
 
-FP32_TOL = 1e-5
 BF16_TOL = 2e-2
-gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-
-
-def assert_close(out, ref, tol=FP32_TOL, name=""):
-    assert out.shape == ref.shape and out.dtype == ref.dtype, name
-    out, ref = out.double(), ref.double()
-    assert torch.isfinite(out).all(), f"{name}: non-finite values"
-    err = (out - ref).abs().max().item()
-    scale = ref.abs().max().item()
-    assert err <= tol * scale, f"{name}: max error {err:.3g} > {tol:g} * {scale:.3g}"
 
 
 def rnd(gen, *shape, scale=1.0, device="cpu", dtype=torch.float32):

@@ -8,7 +8,6 @@ shapes in bf16 against the fp32 reference.
 """
 from __future__ import annotations
 
-
 import pytest
 import torch
 
@@ -18,18 +17,7 @@ from ring_rl.kernels.rms_norm import (
     rms_norm,
     rms_norm_ref,
 )
-
-FP32_TOL = 1e-5
-gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-
-
-def assert_close(out, ref, tol=FP32_TOL, name=""):
-    assert out.shape == ref.shape and out.dtype == ref.dtype, name
-    out, ref = out.double(), ref.double()
-    assert torch.isfinite(out).all(), f"{name}: non-finite values"
-    err = (out - ref).abs().max().item()
-    scale = ref.abs().max().item()
-    assert err <= tol * scale, f"{name}: max error {err:.3g} > {tol:g} * {scale:.3g}"
+from tests.kernels.checks import assert_close, gpu
 
 
 def make_inputs(shape, with_residual, dtype=torch.float32, device="cpu", seed=0):
