@@ -85,9 +85,10 @@ RING_RL_MODES = {"on-policy": (), "overlapped": ("rollout.max_staleness=1",)}
 
 
 def run_ring_rl(work: Path, ckpt: Path, data: dict[str, str], size: tuple[int, int, int], steps: int,
-                mode: str = "on-policy") -> dict:
+                mode: str = "on-policy", extra: tuple[str, ...] = (), tag: str = "") -> dict:
+    """extra: more overrides after the mode's; tag: the run's name suffix (default: the mode)."""
     p, g, t = size
-    extra, tag = RING_RL_MODES[mode], f"-{mode}"
+    extra, tag = (*RING_RL_MODES[mode], *extra), tag or f"-{mode}"
     run_dir = work / f"ring-rl-{p}x{g}x{t}{tag}"
     overrides = [
         f"run.dir={run_dir}", f"model.name_or_path={ckpt}", "sft.enabled=false",

@@ -9,6 +9,10 @@ same prompts; the first step is warm-up, the table shows medians of the others. 
 scores the rollout with one packed forward; exact mode replays the rollout's prefill and
 decode schedule in the trainer (ring_rl.model.stepping), which is what "align s" measures.
 Target (issue 10): exact step time <= 1.3x default.
+
+On the GPU (vLLM 0.26 + plugin against the DeepSpeed trainer) the same comparison is
+`bash scripts/gpu_vllm_checks.sh exact`: both modes of configs/gpu-tiny-vllm.yaml, 20 steps
+each, one after the other in one device call; results in benchmarks/results/exact_mode.md.
 """
 from __future__ import annotations
 

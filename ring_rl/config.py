@@ -124,7 +124,7 @@ class AlignmentConfig(_Section):
     icepop_beta: float = Field(2.0, gt=1, description="IcePop: mask when ratio > beta")
     gate: list[GateRule] = Field([], description="rules checked before each update, in order")
     routing_replay: bool = Field(False, description="trainer replays the rollout's MoE expert choices")
-    mode: Literal["default", "exact"] = Field("default", description="exact = the trainer's logprob pass replays the rollout's schedule (same packing, same decode-step batches, same ops): bitwise-equal logprobs, checked every step")
+    mode: Literal["default", "exact"] = Field("default", description="exact = the trainer's logprob pass replays the rollout's schedule (whole or chunked prefill, then one decode step per token; on CPU the same batches, on GPU batch-invariant kernels in both engines): bitwise-equal logprobs, checked every step")
 
 
 class RunSection(_Section):
@@ -210,8 +210,9 @@ class RunConfig(_Section):
 
     def _check_exact(self) -> None:
         """Exact mode needs both engines to run the same arithmetic: same dtype, same threads."""
-        if self.rollout.engine != "native":
-            raise ValueError(f"alignment.mode=exact: supported with rollout.engine=native, got {self.rollout.engine!r}")
+        if self.rollout.engine == "vllm" and not self.rollout.gpus_per_actor:
+            raise ValueError("alignment.mode=exact with rollout.engine=vllm needs a GPU (rollout.gpus_per_actor > 0): "
+                             "its batch-invariant attention reads vLLM's CUDA KV cache; on CPU use rollout.engine=native")
         if (self.model.dtype == "bf16") != self.trainer.bf16:
             raise ValueError(f"alignment.mode=exact: model.dtype={self.model.dtype} (rollout) and "
                              f"trainer.bf16={self.trainer.bf16} must agree")

@@ -75,7 +75,7 @@ class LightningAttention(KeepFP32Buffers):
 
     def forward(self, x: torch.Tensor, batch: SeqBatch) -> torch.Tensor:
         n, h, d = x.shape[0], self.num_heads, self.head_dim
-        qkv = self.query_key_value(x).float()  # the recurrence runs in fp32
+        qkv = self.ops.linear(x, self.query_key_value.weight).float()  # the recurrence runs in fp32
         if self.linear_silu:
             qkv = F.silu(qkv)
         q, k, v = qkv.view(n, 3, h, d).unbind(1)
@@ -101,9 +101,9 @@ class LightningAttention(KeepFP32Buffers):
                                                cu_seqlens=batch.cu_seqlens)
             states[batch.slots] = final.to(states.dtype)
             o = o[0]
-        gate = self.g_proj(x)
+        gate = self.ops.linear(x, self.g_proj.weight)
         o = self.ops.group_norm_gate(o.reshape(n, h * d), gate, self.g_norm.weight, self.group_norm_size, self.eps)
-        return self.dense(o.to(x.dtype))
+        return self.ops.linear(o.to(x.dtype), self.dense.weight)
 
 
 class SoftmaxAttention(nn.Module):
@@ -126,7 +126,7 @@ class SoftmaxAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, batch: SeqBatch) -> torch.Tensor:
         n, d, dtype = x.shape[0], self.head_dim, x.dtype
-        q, k, v = self.query_key_value(x).split(
+        q, k, v = self.ops.linear(x, self.query_key_value.weight).split(
             [self.num_heads * d, self.num_kv_heads * d, self.num_kv_heads * d], dim=-1)
         q, k = q.reshape(n, self.num_heads, d).float(), k.reshape(n, self.num_kv_heads, d).float()
         v = v.reshape(n, self.num_kv_heads, d)
@@ -136,11 +136,13 @@ class SoftmaxAttention(nn.Module):
         k = self.ops.rotary(k, batch.positions, self.rotary_dim, self.rope_theta).to(dtype)
         if batch.cache is None:
             out = _varlen_attention(q, k, v, batch)
+        elif self.ops.paged_attention is not None:
+            out = _paged_cache_attention(self.ops.paged_attention, q, k, v, batch, self.layer_idx)
         elif batch.is_decode:
             out = _decode_attention(q, k, v, batch, self.layer_idx)
         else:
             out = _cached_prefill_attention(q, k, v, batch, self.layer_idx)
-        return self.dense(out.reshape(n, self.num_heads * d))
+        return self.ops.linear(out.reshape(n, self.num_heads * d), self.dense.weight)
 
 
 def _varlen_attention(q, k, v, batch: SeqBatch) -> torch.Tensor:
@@ -174,6 +176,23 @@ def _decode_attention(q, k, v, batch: SeqBatch, layer_idx: int) -> torch.Tensor:
     o = F.scaled_dot_product_attention(q[:, :, None], keys, values, attn_mask=allowed[:, None, None],
                                        enable_gqa=True)
     return o[:, :, 0]
+
+
+def _paged_cache_attention(paged_attention, q, k, v, batch: SeqBatch, layer_idx: int) -> torch.Tensor:
+    """New tokens into the slot cache, then the batch-invariant kernel over it (exact mode on
+    a GPU): each token attends to positions 0..its own, read in the kernel's fixed order, so
+    prefill, chunked prefill and decode give it the same bits, as they do inside vLLM."""
+    cache = batch.cache
+    seq, offset = batch.token_coords()
+    pos = batch.past_lens[seq] + offset
+    cache.reserve(int(pos.max()) + 1)
+    k_cache, v_cache = cache.kv[layer_idx]
+    slot = batch.slots[seq]
+    k_cache[slot, :, pos] = k
+    v_cache[slot, :, pos] = v
+    table = batch.slots.to(torch.int32)[:, None]  # one "block" per slot: [slots, capacity, Hkv, d]
+    return paged_attention(q, k_cache.transpose(1, 2), v_cache.transpose(1, 2), table, seq, pos,
+                           q.shape[-1] ** -0.5)
 
 
 def _cached_prefill_attention(q, k, v, batch: SeqBatch, layer_idx: int) -> torch.Tensor:

@@ -12,14 +12,17 @@ from ring_rl.model.ops import ModelOps
 
 
 class DenseMLP(nn.Module):
-    def __init__(self, hidden: int, intermediate: int):
+    def __init__(self, hidden: int, intermediate: int, ops: ModelOps):
         super().__init__()
+        self.ops = ops
         self.gate_proj = nn.Linear(hidden, intermediate, bias=False)
         self.up_proj = nn.Linear(hidden, intermediate, bias=False)
         self.down_proj = nn.Linear(intermediate, hidden, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        linear = self.ops.linear
+        return linear(F.silu(linear(x, self.gate_proj.weight)) * linear(x, self.up_proj.weight),
+                      self.down_proj.weight)
 
 
 class MoEGate(KeepFP32Buffers):
@@ -61,7 +64,7 @@ class MoE(nn.Module):
         self.shared_experts = None
         if config.num_shared_experts:
             width = config.moe_shared_expert_intermediate_size * config.num_shared_experts
-            self.shared_experts = DenseMLP(config.hidden_size, width)
+            self.shared_experts = DenseMLP(config.hidden_size, width, ops)
 
     def forward(self, x: torch.Tensor, replay_ids: torch.Tensor | None = None):
         """Returns (output, chosen expert ids [N, top_k])."""

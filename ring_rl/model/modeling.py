@@ -33,7 +33,7 @@ class DecoderLayer(nn.Module):
         self.attention = attn_cls(config, layer_idx, ops)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, ops)
         self.is_moe = config.is_moe_layer(layer_idx)
-        self.mlp = MoE(config, ops) if self.is_moe else DenseMLP(config.hidden_size, config.intermediate_size)
+        self.mlp = MoE(config, ops) if self.is_moe else DenseMLP(config.hidden_size, config.intermediate_size, ops)
 
     def forward(self, x, residual, batch: SeqBatch, replay_ids=None):
         if residual is None:

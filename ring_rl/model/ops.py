@@ -7,6 +7,7 @@ and check that the difference is caught and localised.
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from typing import Callable
 
@@ -71,6 +72,15 @@ def lm_logits_fp32(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return F.linear(hidden.float(), weight.float())
 
 
+def lm_logits_batch_invariant(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """fp32 logits from the fixed-tile GEMM (exact mode): bf16 x bf16 products are exact in
+    fp32, so this is the fp32 lm_head up to summation order, and a token's logits do not
+    depend on the batch."""
+    if hidden.dtype != weight.dtype:
+        hidden, weight = hidden.float(), weight.float()
+    return kernels.linear(hidden, weight, out_dtype=torch.float32)
+
+
 def lm_logits_model_dtype(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """Injectable mismatch: lm_head in the model dtype (bf16), upcast afterwards."""
     return F.linear(hidden.to(torch.bfloat16), weight.to(torch.bfloat16)).float()
@@ -113,6 +123,10 @@ class ModelOps:
     moe_route: Callable[..., tuple] = kernels.moe_route
     moe_experts: Callable[..., torch.Tensor] = kernels.moe_experts
     lm_logits: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = lm_logits_fp32
+    linear: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = F.linear  # every dense projection
+    # Softmax attention over the cache (q, k_cache, v_cache, block_table, seq_idx, positions,
+    # scale), `kernels.paged_attention`'s signature; None: the engine's own (SDPA, vLLM's backend).
+    paged_attention: Callable[..., torch.Tensor] | None = None
     state_dtype: torch.dtype = torch.float32  # recurrent state of the lightning layers
 
     def with_(self, **changes) -> "ModelOps":
@@ -120,3 +134,28 @@ class ModelOps:
 
 
 DEFAULT_OPS = ModelOps()
+
+# Exact mode on a GPU: every op's result for a token is independent of the batch around it.
+# The default ops already are, except the cuBLAS GEMMs (size-dependent algorithms) and the
+# attention backends (size-dependent KV splits); these replace them with fixed-tile Triton
+# kernels. RMSNorm, the router, the experts and the lightning kernels use fixed tiles anyway.
+BATCH_INVARIANT_OPS = DEFAULT_OPS.with_(linear=kernels.linear, lm_logits=lm_logits_batch_invariant,
+                                        paged_attention=kernels.paged_attention)
+
+
+def set_ops(model: torch.nn.Module, ops: ModelOps) -> ModelOps:
+    """Give every module of `model` that runs ops this op set; returns the one it had."""
+    before = getattr(model, "ops", DEFAULT_OPS)
+    for module in model.modules():
+        if isinstance(getattr(module, "ops", None), ModelOps):
+            module.ops = ops
+    return before
+
+
+@contextmanager
+def using_ops(model: torch.nn.Module, ops: ModelOps):
+    before = set_ops(model, ops)
+    try:
+        yield model
+    finally:
+        set_ops(model, before)

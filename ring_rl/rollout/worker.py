@@ -15,7 +15,10 @@ from ring_rl.types import RolloutBatch, SamplingParams
 
 class RolloutWorker:
     def __init__(self, model_dir: str, engine: str = "native", dtype: str = "fp32", device: str = "cpu",
-                 prefill_chunk: int = 0, threads: int | None = None, gpu_memory_utilization: float = 0.4):
+                 prefill_chunk: int = 0, threads: int | None = None, gpu_memory_utilization: float = 0.4,
+                 exact: bool = False):
+        """exact (alignment.mode=exact): on a GPU both engines run the batch-invariant op set
+        (`ring_rl.model.ops.BATCH_INVARIANT_OPS`), as the trainer's exact pass does."""
         if threads:
             torch.set_num_threads(threads)
         if engine not in ("native", "vllm"):
@@ -31,12 +34,16 @@ class RolloutWorker:
             from ring_rl.rollout.vllm.engine import VllmEngine
 
             self.engine = VllmEngine(model_dir, eos, dtype=dtype, device=device,
-                                     gpu_memory_utilization=gpu_memory_utilization)
+                                     gpu_memory_utilization=gpu_memory_utilization, exact=exact)
         else:
             from ring_rl.rollout.native import NativeEngine
 
             torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
             model = load_checkpoint(model_dir, dtype=torch_dtype).to(device)
+            if exact and device != "cpu":
+                from ring_rl.model.ops import BATCH_INVARIANT_OPS, set_ops
+
+                set_ops(model, BATCH_INVARIANT_OPS)
             self.engine = NativeEngine(model, eos, prefill_chunk=prefill_chunk)
         self.pid = os.getpid()
         self.device = device

@@ -59,7 +59,15 @@ class VllmEngine:
     def __init__(self, model_dir: str | os.PathLike, eos_token_ids: list[int], dtype: str = "fp32",
                  device: str = "cpu", max_model_len: int = 2048, seed: int = 0, weight_version: int = 0,
                  record_routes: bool = True, enable_prefix_caching: bool = False,
-                 gpu_memory_utilization: float = 0.4, ignore_eos: bool = False, **llm_kwargs):
+                 gpu_memory_utilization: float = 0.4, ignore_eos: bool = False, exact: bool = False,
+                 **llm_kwargs):
+        """exact (GPU): the model runs `BATCH_INVARIANT_OPS` (fixed-tile GEMMs, ring-rl's paged
+        attention over vLLM's cache instead of its backend) and prompts are prefilled whole, so
+        the trainer's exact pass (whole prefill, then one decode step per token) gives every
+        token the same bits whatever vLLM batched it with."""
+        if exact and device == "cpu":
+            raise ValueError("exact mode with the vLLM engine needs a GPU (its KV-cache layout is "
+                             "FLASH_ATTN's); on CPU use rollout.engine=native")
         for key, value in (CPU_ENV_DEFAULTS if device == "cpu" else GPU_ENV_DEFAULTS).items():
             os.environ.setdefault(key, value)
         if device != "cpu":
@@ -71,6 +79,9 @@ class VllmEngine:
             # offset"). Whole prefills only, then; a step fits every prompt up to max_model_len.
             llm_kwargs.setdefault("enable_chunked_prefill", False)
             llm_kwargs.setdefault("max_num_batched_tokens", max(max_model_len, 2048))
+        if exact:  # never split a prompt over steps: the trainer replays whole prefills
+            llm_kwargs.setdefault("enable_chunked_prefill", False)
+            llm_kwargs.setdefault("max_num_batched_tokens", max(max_model_len, 8192))
         try:
             from vllm import LLM
         except ImportError as e:
@@ -86,6 +97,9 @@ class VllmEngine:
             enable_prefix_caching=enable_prefix_caching, logprobs_mode="raw_logprobs",
             worker_extension_cls=EXTENSION, **llm_kwargs)
         self.startup_s = time.perf_counter() - t0
+        self.exact = exact
+        if exact:
+            self._rpc("ring_set_ops", "batch_invariant")
         self.eos = sorted(set(eos_token_ids))
         self.record_routes = record_routes
         self.ignore_eos = ignore_eos  # benchmarks: every sequence runs to max_new_tokens
@@ -161,7 +175,7 @@ class VllmEngine:
             weight_version=self.weight_version, sampling=params,
             group_ids=list(group_ids) if group_ids is not None else list(range(n)),
             router_ids=router_ids if routes is not None else None,
-            schedule=None,  # vLLM's batching is its own: exact-mode replay is native-only
+            schedule=None,  # vLLM's batching is its own; exact mode does not need it (batch-invariant ops)
         )
         elapsed = time.perf_counter() - t0
         self.last_stats = {"rollout_s": elapsed, "rollout_tokens_per_s": batch.num_response_tokens / max(elapsed, 1e-9)}

@@ -6,6 +6,7 @@ safetensors bytes: vLLM's RPC serialises raw tensor arguments as lists in multi-
 
 - `ring_load_weights`: new weights in memory, through vLLM's in-place `reload_weights`
   (which calls our model's `load_weights` with the checkpoint names).
+- `ring_set_ops`: the op set (exact mode: `BATCH_INVARIANT_OPS`).
 - `ring_set_logits_temperature`: the sampling temperature folded into the logits (see
   `RingLinearVllmForCausalLM.logits_temperature`).
 - `ring_routes_begin` / `ring_routes_take`: the experts each MoE layer chose for every token
@@ -72,7 +73,19 @@ class RingWorkerExtension:
         if missing:
             raise KeyError(f"weight update: missing {sorted(missing)[:3]} ({len(missing)} in all)")
         self.model_runner.reload_weights(weights_iterator=iter(tensors.items()))
+        self._ring_apply_ops()  # in case the reload rebuilt modules with the default op set
         return len(tensors)
+
+    def ring_set_ops(self, name: str) -> None:
+        """"batch_invariant" (exact mode) or "default": the op set every layer runs."""
+        self._ring_ops = name
+        self._ring_apply_ops()
+
+    def _ring_apply_ops(self) -> None:
+        from ring_rl.model.ops import BATCH_INVARIANT_OPS, DEFAULT_OPS, set_ops
+
+        name = getattr(self, "_ring_ops", "default")
+        set_ops(self._ring_model(), {"batch_invariant": BATCH_INVARIANT_OPS, "default": DEFAULT_OPS}[name])
 
     def ring_set_logits_temperature(self, temperature: float) -> None:
         self._ring_model().logits_temperature = float(temperature)

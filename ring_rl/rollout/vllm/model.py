@@ -113,6 +113,9 @@ class VllmLightningAttention(LightningAttention, MambaBase):
         slots = meta.state_indices_tensor.long()
         out = x.new_zeros(x.shape[0], self.dense.out_features)  # rows past the real tokens: padding
         if nd:  # one token each, batched first by vLLM's LINEAR backend
+            # A new one-token prompt counts as a decode too, and vLLM does not clear the
+            # slot it hands over (it may hold a finished request's state).
+            state[slots[:nd][meta.seq_lens[:nd].to(slots.device) == 1]] = 0
             dec = SeqBatch(meta.query_start_loc[: nd + 1], batch.positions[:nd_tok], 1, slots_cache, slots[:nd])
             out[:nd_tok] = LightningAttention.forward(self, x[:nd_tok], dec)
         if npre:
@@ -139,15 +142,39 @@ class VllmSoftmaxAttention(SoftmaxAttention):
     def forward(self, x: torch.Tensor, batch: SeqBatch) -> torch.Tensor:
         # The same steps as SoftmaxAttention.forward up to the attention call.
         n, d, dtype = x.shape[0], self.head_dim, x.dtype
-        q, k, v = self.query_key_value(x).split(
+        q, k, v = self.ops.linear(x, self.query_key_value.weight).split(
             [self.num_heads * d, self.num_kv_heads * d, self.num_kv_heads * d], dim=-1)
         q, k = q.reshape(n, self.num_heads, d).float(), k.reshape(n, self.num_kv_heads, d).float()
         if self.use_qk_norm:
             q, k = self.query_layernorm(q), self.key_layernorm(k)
         q = self.ops.rotary(q, batch.positions, self.rotary_dim, self.rope_theta).to(dtype)
         k = self.ops.rotary(k, batch.positions, self.rotary_dim, self.rope_theta).to(dtype)
-        out = self.attn(q.reshape(n, -1), k.reshape(n, -1), v.contiguous())
-        return self.dense(out.reshape(n, self.num_heads * d))
+        meta = _layer_metadata(self.attn.layer_name)
+        if self.ops.paged_attention is not None and meta is not None:
+            out = self._paged(q, k, v.reshape(n, self.num_kv_heads, d).contiguous(), batch.positions, meta)
+        else:
+            out = self.attn(q.reshape(n, -1), k.reshape(n, -1), v.contiguous())
+        return self.ops.linear(out.reshape(n, self.num_heads * d), self.dense.weight)
+
+    def _paged(self, q, k, v, positions, meta) -> torch.Tensor:
+        """Exact mode: vLLM writes K/V into its paged cache as ever; the attention is
+        `ops.paged_attention` over that cache, the trainer's kernel (batch invariant, so
+        vLLM's batching and chunking do not change a token's bits). The cache is the
+        FLASH_ATTN layout: logical [blocks, Hkv, block_size, 2d], K and V side by side."""
+        cache, d = self.attn.kv_cache, self.head_dim
+        if cache.dim() != 4 or cache.shape[1] != self.num_kv_heads or cache.shape[-1] != 2 * d:
+            raise RuntimeError(f"exact mode: vLLM's KV cache for {self.attn.layer_name} has shape "
+                               f"{tuple(cache.shape)}, not FLASH_ATTN's [blocks, {self.num_kv_heads}, "
+                               f"block_size, {2 * d}]; run vLLM with attention_backend='FLASH_ATTN'")
+        m = meta.num_actual_tokens
+        self.attn.impl.do_kv_cache_update(self.attn, k[:m], v[:m], cache, meta.slot_mapping[:m])
+        key_cache, value_cache = cache.transpose(1, 2).split(d, dim=-1)  # [blocks, block_size, Hkv, d]
+        qsl = meta.query_start_loc
+        seq = torch.searchsorted(qsl[1:], torch.arange(m, device=q.device, dtype=qsl.dtype), right=True)
+        out = q.new_zeros(q.shape)
+        out[:m] = self.ops.paged_attention(q[:m], key_cache, value_cache, meta.block_table, seq,
+                                           positions[:m], self.head_dim ** -0.5)
+        return out
 
 
 def _expert_loader(param: torch.Tensor, loaded: torch.Tensor, expert: int | None = None,
