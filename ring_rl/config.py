@@ -80,7 +80,7 @@ class RolloutConfig(_Section):
     cpus_per_actor: float = Field(1.0, ge=0, description="Ray CPUs reserved per rollout actor")
     gpus_per_actor: float = Field(0.0, ge=0, description="Ray GPUs reserved per rollout actor")
     tensor_parallel_size: int = Field(1, ge=1, description="vLLM tensor parallel size per actor")
-    weight_sync: Literal["object_store", "collective"] = Field("object_store", description="how updated weights reach the rollout actors: through Ray's object store (host memory), or broadcast by the trainer over a group of their own (NCCL between GPUs, gloo on CPU; ring_rl.rl.weight_sync)")
+    weight_sync: Literal["object_store", "collective", "cuda_ipc"] = Field("object_store", description="how updated weights reach the rollout actors: through Ray's object store (host memory), broadcast by the trainer over a group of their own (NCCL between GPUs, gloo on CPU), or, for actors sharing the trainer's GPU, by CUDA IPC handles to the trainer's GPU memory (ring_rl.rl.weight_sync)")
     gpu_memory_utilization: float = Field(0.4, gt=0, lt=1, description="vLLM on a GPU: share of the card's memory it takes (weights, KV cache, state slots); the rest is a colocated trainer's")
     seed: int = Field(0, description="sampling seed (combined with step and actor rank)")
     max_staleness: int = Field(0, ge=0, le=1, description="weight versions a trained-on rollout may trail the trainer: 0 = on-policy; 1 = generate step n+1 while the trainer updates on step n (one-step off-policy, rollout and trainer busy at once)")
@@ -194,6 +194,8 @@ class RunConfig(_Section):
                                  "set rollout.max_staleness=0")
         if self.rollout.weight_sync == "collective":
             self._check_collective_sync()
+        if self.rollout.weight_sync == "cuda_ipc":
+            self._check_cuda_ipc()
         if self.run.resume and self.run.auto_resume:
             raise ValueError("run.resume and run.auto_resume: set at most one")
         return self
@@ -207,6 +209,16 @@ class RunConfig(_Section):
             raise ValueError(f"rollout.weight_sync=collective: NCCL needs every member on a GPU of its own, but "
                              f"rollout.gpus_per_actor={shares[0]} and ray.trainer_gpus_per_worker={shares[1]} "
                              "share one; colocated actors use weight_sync=object_store")
+
+    def _check_cuda_ipc(self) -> None:
+        shares = (self.rollout.gpus_per_actor, self.ray.trainer_gpus_per_worker)
+        if not all(0 < g < 1 for g in shares):
+            raise ValueError(f"rollout.weight_sync=cuda_ipc shares the trainer's GPU memory with rollout actors on the "
+                             f"same GPU: rollout.gpus_per_actor and ray.trainer_gpus_per_worker must both be "
+                             f"fractions of one GPU, got {shares[0]} and {shares[1]}")
+        if self.rollout.max_staleness:
+            raise ValueError("rollout.weight_sync=cuda_ipc hands out the trainer's live buffers; with "
+                             "rollout.max_staleness=1 use weight_sync=object_store")
 
     def _check_exact(self) -> None:
         """Exact mode needs both engines to run the same arithmetic: same dtype, same threads."""

@@ -11,6 +11,10 @@ DeepSpeed (trainer) and vLLM (rollout) already own in their processes.
 A sync is the weights' version (one int64), then one broadcast per dtype: the trainer packs
 the state dict into one flat buffer per dtype in manifest order. The receivers got the manifest (names, shapes, dtypes) once, at setup, and
 unpack views of their buffers.
+
+With `rollout.weight_sync: cuda_ipc` (colocated actors sharing one GPU) the trainer packs the
+same flat buffers on its GPU and hands out CUDA IPC handles to them through Ray instead
+(`IpcSender`, `open_ipc`): each rollout actor maps the trainer's memory and copies from it.
 """
 from __future__ import annotations
 
@@ -85,3 +89,53 @@ class SyncGroup:
                 out[name] = part.view(shape)
         return int(version.item()), {name: out[name] for name, _, _ in manifest}
 
+
+
+# -- rollout.weight_sync: cuda_ipc (colocated: trainer and rollout actors on one GPU) ----------
+class IpcSender:
+    """The trainer's end: the state dict packed into one flat buffer per dtype on its GPU
+    (allocated once, refilled at every sync) and shared by CUDA IPC handle, so a rollout
+    actor on the same GPU copies the weights GPU to GPU, never through host memory."""
+
+    def __init__(self):
+        self.buffers: dict[str, torch.Tensor] = {}
+
+    def share(self, state: dict[str, torch.Tensor], version: int) -> dict:
+        from torch.multiprocessing.reductions import reduce_tensor
+
+        manifest = manifest_of(state)
+        device = next(iter(state.values())).device
+        if device.type != "cuda":
+            raise ValueError(f"rollout.weight_sync=cuda_ipc: the trainer's weights are on {device}, not a GPU")
+        handles = {}
+        for dtype, idx in _by_dtype(manifest).items():
+            total = sum(math.prod(manifest[i][1]) for i in idx)
+            buf = self.buffers.get(dtype)
+            if buf is None or buf.numel() != total:
+                buf = self.buffers[dtype] = torch.empty(total, dtype=getattr(torch, dtype), device=device)
+            torch.cat([state[manifest[i][0]].detach().reshape(-1) for i in idx], out=buf)
+            handles[dtype] = reduce_tensor(buf)
+        torch.cuda.synchronize(device)  # the buffers are complete before a receiver reads them
+        return {"version": version, "manifest": manifest, "handles": handles, "gpu": _gpu_uuid(device)}
+
+
+def open_ipc(payload: dict) -> tuple[int, dict[str, torch.Tensor]]:
+    """A rollout actor's end: (version, the state dict as views of the trainer's buffers).
+    Copy them into the engine, then drop them (the trainer refills the buffers next sync)."""
+    here = torch.device("cuda", torch.cuda.current_device())
+    if _gpu_uuid(here) != payload["gpu"]:
+        raise RuntimeError(f"rollout.weight_sync=cuda_ipc: this rollout actor's GPU ({_gpu_uuid(here)}) is not "
+                           f"the trainer's ({payload['gpu']}); CUDA IPC shares memory within one GPU only: "
+                           "colocate them or use weight_sync=collective")
+    manifest, out = payload["manifest"], {}
+    for dtype, idx in _by_dtype(manifest).items():
+        rebuild, args = payload["handles"][dtype]
+        flat = rebuild(*args)
+        sizes = [math.prod(manifest[i][1]) for i in idx]
+        for i, part in zip(idx, flat.split(sizes)):
+            out[manifest[i][0]] = part.view(manifest[i][1])
+    return int(payload["version"]), {name: out[name] for name, _, _ in manifest}
+
+
+def _gpu_uuid(device: torch.device) -> str:
+    return str(torch.cuda.get_device_properties(device).uuid)

@@ -61,6 +61,16 @@ class RolloutWorker:
         """The trainer's `weights_for_rollout()` result as it is (version, state dict)."""
         return self.load_weights(*payload)
 
+    def load_weights_ipc(self, payload: dict) -> int:
+        """rollout.weight_sync=cuda_ipc: copy the trainer's weights from its GPU memory."""
+        from ring_rl.rl.weight_sync import open_ipc
+
+        version, state = open_ipc(payload)
+        self.engine.load_weights(state, version)
+        del state
+        torch.cuda.synchronize()  # copied before the trainer may refill its buffers
+        return version
+
     def sync_join(self, host: str, port: int, rank: int, world: int, manifest, generation: int = 0) -> None:
         """Join the trainer's weight-sync group (`rollout.weight_sync: collective`)."""
         from ring_rl.rl.weight_sync import SyncGroup

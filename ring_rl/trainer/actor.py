@@ -34,6 +34,16 @@ class TrainerActor(TrainerEngine):
 
         self._sync = SyncGroup(host, port, 0, world, self.device, generation)
 
+    def weights_ipc(self) -> dict:
+        """rollout.weight_sync=cuda_ipc: CUDA IPC handles to this version's weights (see
+        ring_rl.rl.weight_sync.IpcSender; valid until the next call)."""
+        from ring_rl.rl.weight_sync import IpcSender
+
+        if getattr(self, "_ipc", None) is None:
+            self._ipc = IpcSender()
+        with self._gathered():
+            return self._ipc.share(self.model.state_dict(), self.version)
+
     def sync_send(self) -> tuple[int, int]:
         """Broadcast the current weights (full tensors even under ZeRO-3) → (version, bytes)."""
         with self._gathered():

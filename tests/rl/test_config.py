@@ -62,6 +62,7 @@ def test_override_beats_file(tmp_path):
     (["data.builtin=arith", "data.test_files=[x/test.jsonl]"], "data.builtin=arith: train_files/test_files must be [DIR/train.jsonl] and [DIR/test.jsonl] in one DIR"),
     (["rollout.max_staleness=2"], "rollout.max_staleness: Input should be less than or equal to 1, got 2"),
     (["alignment.mode=exact", "rollout.max_staleness=1"], "alignment.mode=exact needs the rollout's own weights in the trainer: set rollout.max_staleness=0"),
+    (["rollout.weight_sync=cuda_ipc"], "rollout.weight_sync=cuda_ipc shares the trainer's GPU memory with rollout actors on the same GPU"),
     (["alignment.mode=exact", "rollout.engine=vllm"], "alignment.mode=exact with rollout.engine=vllm needs a GPU (rollout.gpus_per_actor > 0)"),
     (["trainer.lr"], "override 'trainer.lr': expected KEY=VALUE"),
     (["trainer=3"], "trainer: Input should be a valid dictionary"),

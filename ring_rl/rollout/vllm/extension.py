@@ -4,8 +4,9 @@ vLLM mixes this class into its worker class in every worker process; `LLM.collec
 calls its methods there (in single- and multi-process mode alike). Tensors cross as
 safetensors bytes: vLLM's RPC serialises raw tensor arguments as lists in multi-process mode.
 
-- `ring_load_weights`: new weights in memory, through vLLM's in-place `reload_weights`
-  (which calls our model's `load_weights` with the checkpoint names).
+- `ring_load_weights` (bytes) / `ring_load_weights_tensors` (in-process): new weights in
+  memory, through vLLM's in-place `reload_weights` (which calls our model's `load_weights`
+  with the checkpoint names).
 - `ring_set_ops`: the op set (exact mode: `BATCH_INVARIANT_OPS`).
 - `ring_set_logits_temperature`: the sampling temperature folded into the logits (see
   `RingLinearVllmForCausalLM.logits_temperature`).
@@ -68,7 +69,11 @@ class RingWorkerExtension:
 
     def ring_load_weights(self, blob: bytes) -> int:
         """safetensors bytes of checkpoint-named tensors → the model, in place."""
-        tensors = load_safetensors(blob)
+        return self.ring_load_weights_tensors(load_safetensors(blob))
+
+    def ring_load_weights_tensors(self, tensors: dict[str, torch.Tensor]) -> int:
+        """The same from tensors (any device): when the engine core runs in the caller's
+        process, collective_rpc passes them by reference, with no serialisation."""
         missing = self._ring_model().weight_names() - {checkpoint_target(name)[0] for name in tensors}
         if missing:
             raise KeyError(f"weight update: missing {sorted(missing)[:3]} ({len(missing)} in all)")
