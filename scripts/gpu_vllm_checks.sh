@@ -65,9 +65,11 @@ case "${1:-}" in
       cp "$W/tiny-$mode/metrics.jsonl" "$OUT/tiny_${mode}_metrics.jsonl" 2>/dev/null
     done
     [ -d "$W/mid" ] || cli init-model --preset mid --out "$W/mid" >/dev/null
+    # Random-init mid earns no reward, so its policy gradient is 0: weight decay makes every
+    # update move the weights anyway, so each step checks freshly synced weights.
     TAIL=8 step mid_exact cli train --config configs/gpu-tiny-vllm.yaml alignment.mode=exact \
       model.name_or_path="$W/mid" sft.enabled=false run.steps=20 run.prompts_per_step=8 run.eval_every=0 \
-      run.checkpoint_every=0 run.dir="$W/mid-exact"
+      run.checkpoint_every=0 trainer.weight_decay=0.1 run.dir="$W/mid-exact"
     "$py" scripts/summarize_metrics.py "$W/mid-exact/metrics.jsonl" | tee -a "$OUT/summary.txt"
     cp "$W/mid-exact/metrics.jsonl" "$OUT/mid_exact_metrics.jsonl" 2>/dev/null
     ;;
