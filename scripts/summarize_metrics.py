@@ -2,14 +2,17 @@
 flips, exact-mode verdicts) and the median step split. Used by scripts/gpu_vllm_checks.sh."""
 from __future__ import annotations
 
-import json
 import statistics
 import sys
+from pathlib import Path
+
+from ring_rl.rl.metrics import read_metrics
 
 
 def summarize(path: str) -> str:
-    with open(path) as f:
-        rows = [json.loads(line) for line in f if line.strip()]
+    """path: a run directory or its metrics.jsonl."""
+    p = Path(path)
+    rows = read_metrics(p.parent if p.is_file() else p)
     steps = [r for r in rows if "perf/step_s" in r]
     if not steps:
         return f"{path}: no steps"

@@ -50,6 +50,18 @@ def _by_dtype(manifest: Manifest) -> dict[str, list[int]]:
     return groups
 
 
+def _flat_parts(state: dict[str, torch.Tensor], manifest: Manifest, idx: list[int]) -> list[torch.Tensor]:
+    """The tensors of manifest entries `idx` flattened, in order: one dtype's buffer, to cat."""
+    return [state[manifest[i][0]].detach().reshape(-1) for i in idx]
+
+
+def _unpack(flat: torch.Tensor, manifest: Manifest, idx: list[int], out: dict[str, torch.Tensor]) -> None:
+    """Views of one dtype's flat buffer, by name, into `out`."""
+    sizes = [math.prod(manifest[i][1]) for i in idx]
+    for i, part in zip(idx, flat.split(sizes)):
+        out[manifest[i][0]] = part.view(manifest[i][1])
+
+
 class SyncGroup:
     """One member of the weight-sync group (call the constructor on every rank at once: it
     waits for all of them)."""
@@ -70,7 +82,7 @@ class SyncGroup:
         self.pg.broadcast(torch.tensor([version], dtype=torch.int64, device=self.device), 0).wait()
         sent = 0
         for idx in _by_dtype(manifest).values():
-            flat = torch.cat([state[manifest[i][0]].detach().reshape(-1).to(self.device) for i in idx])
+            flat = torch.cat([t.to(self.device) for t in _flat_parts(state, manifest, idx)])
             self.pg.broadcast(flat, 0).wait()
             sent += flat.numel() * flat.element_size()
         return sent
@@ -84,9 +96,7 @@ class SyncGroup:
             sizes = [math.prod(manifest[i][1]) for i in idx]
             flat = torch.empty(sum(sizes), dtype=getattr(torch, dtype), device=self.device)
             self.pg.broadcast(flat, 0).wait()
-            for i, part in zip(idx, flat.split(sizes)):
-                name, shape, _ = manifest[i]
-                out[name] = part.view(shape)
+            _unpack(flat, manifest, idx, out)
         return int(version.item()), {name: out[name] for name, _, _ in manifest}
 
 
@@ -113,7 +123,7 @@ class IpcSender:
             buf = self.buffers.get(dtype)
             if buf is None or buf.numel() != total:
                 buf = self.buffers[dtype] = torch.empty(total, dtype=getattr(torch, dtype), device=device)
-            torch.cat([state[manifest[i][0]].detach().reshape(-1) for i in idx], out=buf)
+            torch.cat(_flat_parts(state, manifest, idx), out=buf)
             handles[dtype] = reduce_tensor(buf)
         torch.cuda.synchronize(device)  # the buffers are complete before a receiver reads them
         return {"version": version, "manifest": manifest, "handles": handles, "gpu": _gpu_uuid(device)}
@@ -130,10 +140,7 @@ def open_ipc(payload: dict) -> tuple[int, dict[str, torch.Tensor]]:
     manifest, out = payload["manifest"], {}
     for dtype, idx in _by_dtype(manifest).items():
         rebuild, args = payload["handles"][dtype]
-        flat = rebuild(*args)
-        sizes = [math.prod(manifest[i][1]) for i in idx]
-        for i, part in zip(idx, flat.split(sizes)):
-            out[manifest[i][0]] = part.view(manifest[i][1])
+        _unpack(rebuild(*args), manifest, idx, out)
     return int(payload["version"]), {name: out[name] for name, _, _ in manifest}
 
 

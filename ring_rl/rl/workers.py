@@ -141,13 +141,10 @@ class Workers:
         if self.cfg.rollout.weight_sync == "collective":
             return self._broadcast_weights()
         if self.cfg.rollout.weight_sync == "cuda_ipc":  # handles, not weights, through Ray
-            handles = self.trainer.weights_ipc.remote()
-            versions = self._on_rollouts({i: (lambda w: w.load_weights_ipc.remote(handles))
-                                          for i in range(len(self.rollouts))}, "load_weights", reload_weights=False)
-            self.version = versions[0]
-            return self.version
-        payload = self._weights_payload(requested)
-        versions = self._on_rollouts({i: (lambda w: w.load_weights_payload.remote(payload))
+            payload, load = self.trainer.weights_ipc.remote(), "load_weights_ipc"
+        else:
+            payload, load = self._weights_payload(requested), "load_weights_payload"
+        versions = self._on_rollouts({i: (lambda w: getattr(w, load).remote(payload))
                                       for i in range(len(self.rollouts))}, "load_weights", reload_weights=False)
         self.version = versions[0]
         # Overlapped steps generate while the trainer already holds newer weights: a replaced

@@ -143,11 +143,9 @@ class TrainerEngine:
         Each engine call recorded in `rollout.schedule` is re-run through
         `ring_rl.model.stepping.run_schedule` (same packed prefill and chunking, the same
         rows at every decode step, the recorded tokens fed back), so on the same weights,
-        dtype and thread count the logprobs and experts are bitwise the rollout's. On a GPU the
-        pass runs `BATCH_INVARIANT_OPS`, as the rollout engines do in exact mode: then only each
-        sequence's decomposition (whole prompt, then one token per step) has to match, not
-        vLLM's batches, which the trainer cannot know. Gradients still come from the fast
-        packed forward in train_step."""
+        dtype and thread count the logprobs and experts are bitwise the rollout's. On a GPU it
+        runs `BATCH_INVARIANT_OPS` like the exact-mode engines, so vLLM's unknown batches do not
+        matter. Gradients still come from the fast packed forward in train_step."""
         from ring_rl.model.ops import BATCH_INVARIANT_OPS, using_ops
         from ring_rl.model.stepping import ReplayChooser, run_schedule, stack_routes
 

@@ -98,7 +98,6 @@ class VllmEngine:
             enable_prefix_caching=enable_prefix_caching, logprobs_mode="raw_logprobs",
             worker_extension_cls=EXTENSION, **llm_kwargs)
         self.startup_s = time.perf_counter() - t0
-        self.exact = exact
         if exact:
             self._rpc("ring_set_ops", "batch_invariant")
         self.eos = sorted(set(eos_token_ids))
