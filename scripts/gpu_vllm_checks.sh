@@ -5,7 +5,7 @@
 #     export PYTHONPATH=/root/site:$PWD && bash scripts/gpu_vllm_checks.sh align|train|bench
 #
 #   align  align-check --engine vllm (bf16 vLLM vs the bf16 DeepSpeed trainer) on the tiny and
-#          the mid-size preset, random-init, arithmetic prompts; mid again with routing replay
+#          the mid-size preset, random-init, arithmetic prompts; each again with routing replay
 #   train  configs/gpu-tiny-vllm.yaml: GRPO with vLLM rollouts, colocated on one GPU (carry
 #          runs/tiny-arith-sft and runs/data from a CPU run of the main job)
 #   bench  benchmarks/rollout.py (vLLM + plugin vs the native engine, mid preset)
@@ -42,6 +42,9 @@ case "${1:-}" in
     step align_tiny cli align-check --engine vllm --device cuda --model "$W/tiny" --rollout-dtype bf16 \
       --trainer-bf16 --data "$W/data/test.jsonl" --prompts 64 --max-new-tokens 32 --temperature 1.0 \
       --top-k 50 --out "$OUT/align_tiny"
+    step align_tiny_replay cli align-check --engine vllm --device cuda --model "$W/tiny" --rollout-dtype bf16 \
+      --trainer-bf16 --routing-replay --data "$W/data/test.jsonl" --prompts 64 --max-new-tokens 32 \
+      --temperature 1.0 --top-k 50 --out "$OUT/align_tiny_replay" --no-report
     cli init-model --preset mid --out "$W/mid" >/dev/null
     step align_mid cli align-check --engine vllm --device cuda --model "$W/mid" --rollout-dtype bf16 \
       --trainer-bf16 --data "$W/data/test.jsonl" --prompts 64 --max-new-tokens 32 --temperature 1.0 \

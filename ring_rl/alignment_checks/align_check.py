@@ -165,8 +165,9 @@ def run_align_check(rollout_side, trainer_side, config, prompts: list[list[int]]
 
     live = [i for i, r in enumerate(resp_lens) if r > 0]
     seqs, masks = response_sequences([batch.prompt_ids[i] for i in live], [batch.response_ids[i] for i in live])
+    replay = [batch.router_ids[i] for i in live] if getattr(trainer_side, "replay_routing", False) else None
     selftest = packing_selftest(trainer_side.policy, trainer_side.model, seqs, masks, temperature,
-                                SELFTEST_TOL[trainer_side.compute_dtype])
+                                SELFTEST_TOL[trainer_side.compute_dtype], replay, moe_layers)
 
     metrics = logprob_mismatch(batch.logprobs, trainer_lp)
     metrics.update(_extra_metrics(vocab, flips, ops, first, states, semantics, selftest))

@@ -148,10 +148,12 @@ class RingLinearForCausalLM(RingLinearPreTrainedModel, GenerationMixin):
         use_cache: bool | None = None,
         cu_seqlens: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
+        replay_ids: dict[int, torch.Tensor] | None = None,
         **kwargs,
     ) -> CausalLMOutputWithPast:
         """Padded [B, T] input (any padding side; `attention_mask` marks real tokens, and with
-        a cache covers past + new tokens), or packed [1, N] input with `cu_seqlens`."""
+        a cache covers past + new tokens), or packed [1, N] input with `cu_seqlens`.
+        replay_ids: MoE layer -> experts [N_real, top_k] to force, real tokens row by row."""
         bsz, t = input_ids.shape
         cache = past_key_values
         if cache is None and use_cache:
@@ -163,7 +165,7 @@ class RingLinearForCausalLM(RingLinearPreTrainedModel, GenerationMixin):
                 else attention_mask[:, -t:].bool()
             flat_ids, seqlens = input_ids[valid], valid.sum(1)
         batch = SeqBatch.build(seqlens, cache)
-        flat_logits, _ = self.forward_flat(flat_ids, batch)
+        flat_logits, _ = self.forward_flat(flat_ids, batch, replay_ids)
         if valid is None:
             logits = flat_logits.view(1, -1, flat_logits.shape[-1])
         else:

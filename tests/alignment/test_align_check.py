@@ -267,6 +267,9 @@ def test_routing_replay_takes_the_rollouts_experts(model_dir, prompts):
                                     prompts, PARAMS) for replay in (False, True)}
     plain, replayed = runs[False], runs[True]
     assert replayed.trace_vs_engine == 0.0  # the traced forward replays too
+    # ... and so do the self-test's packed, one-by-one and padded forwards (the padded one
+    # routing by itself would differ from the other two on sequence 0)
+    assert replayed.selftest["passed"] and replayed.selftest["padded_vs_alone"] <= 1e-5
     assert plain.flips[1] > 0 and replayed.metrics["router/flip_mean"] == 0.0
     assert any("routing replay" in n for n in replayed.notes) and not any("routing replay" in n for n in plain.notes)
     lp_plain, lp_replay = plain.trainer_logprobs, replayed.trainer_logprobs
