@@ -106,6 +106,7 @@ class TrainerConfig(_Section):
     kl_kind: Literal["k1", "k2", "k3"] = Field("k3", description="KL estimator for the reference penalty")
     filter_equal_reward_groups: bool = Field(False, description="drop groups whose rewards are all equal (zero advantage)")
     bf16: bool = Field(False, description="bf16 mixed precision in the trainer (fp32 master weights)")
+    share_prompts: bool = Field(True, description="the trainer's forward and backward run each distinct prompt of a micro-batch once (a GRPO group shares it) instead of once per sample; same maths, fewer rows")
 
 
 class GateRule(_Section):

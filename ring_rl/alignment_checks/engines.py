@@ -115,7 +115,8 @@ class TrainerSide:
 
         # One micro-batch for any align-check batch, so compute_logprobs runs the very call
         # the trace runs (the two must then agree bit for bit).
-        cfg = TrainerConfig(zero_stage=0, micro_batch_size=1_000_000, bf16=bf16)
+        # Plain packing (share_prompts off): the traced forward is plain packed too.
+        cfg = TrainerConfig(zero_stage=0, micro_batch_size=1_000_000, bf16=bf16, share_prompts=False)
         self.trainer = TrainerEngine(model_dir, cfg, device=device)
         self.model = self.trainer.model
         self.compute_dtype = torch.bfloat16 if bf16 else torch.float32

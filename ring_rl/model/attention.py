@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ring_rl.model.cache import SeqBatch
+from ring_rl.model.cache import SeqBatch, SharedPrefix, token_coords
 from ring_rl.model.config import RingLinearConfig
 from ring_rl.model.ops import ModelOps
 
@@ -86,7 +86,9 @@ class LightningAttention(KeepFP32Buffers):
         scale = d ** -0.5
         decay = self.log_decay.to(q.device)
         cache = batch.cache
-        if cache is None:
+        if batch.shared is not None:
+            o = _shared_lightning(self.ops, q, k, v, decay, scale, batch.shared)
+        elif cache is None:
             o, _ = self.ops.lightning_attn(q[None], k[None], v[None].contiguous(), decay, scale=scale,
                                            cu_seqlens=batch.cu_seqlens)
             o = o[0]
@@ -134,8 +136,10 @@ class SoftmaxAttention(nn.Module):
             q, k = self.query_layernorm(q), self.key_layernorm(k)
         q = self.ops.rotary(q, batch.positions, self.rotary_dim, self.rope_theta).to(dtype)
         k = self.ops.rotary(k, batch.positions, self.rotary_dim, self.rope_theta).to(dtype)
-        if batch.cache is None:
-            out = _varlen_attention(q, k, v, batch)
+        if batch.shared is not None:
+            out = _shared_prefix_attention(q, k, v, batch.shared)
+        elif batch.cache is None:
+            out = _varlen_attention(q, k, v, batch.cu_seqlens, batch.max_new)
         elif self.ops.paged_attention is not None:
             out = _paged_cache_attention(self.ops.paged_attention, q, k, v, batch, self.layer_idx)
         elif batch.is_decode:
@@ -145,22 +149,61 @@ class SoftmaxAttention(nn.Module):
         return self.ops.linear(out.reshape(n, self.num_heads * d), self.dense.weight)
 
 
-def _varlen_attention(q, k, v, batch: SeqBatch) -> torch.Tensor:
+def _pad(t: torch.Tensor, coords: tuple[torch.Tensor, torch.Tensor], nseq: int, tmax: int) -> torch.Tensor:
+    """Packed [N, ...] → [B, T_max, ...] (coords: `token_coords`), zeros past each end."""
+    out = t.new_zeros(nseq, tmax, *t.shape[1:])
+    out[coords] = t
+    return out
+
+
+def _varlen_attention(q, k, v, cu_seqlens: torch.Tensor, tmax: int) -> torch.Tensor:
     """Causal attention of packed sequences in one call: pad to [B, T_max], mask keys that
     lie ahead or beyond a sequence's end, unpad. q [N, H, d], k/v [N, Hkv, d]."""
-    seq, pos = batch.token_coords()
-    nseq, tmax = batch.num_seqs, batch.max_new
-
-    def pad(t: torch.Tensor) -> torch.Tensor:
-        out = t.new_zeros(nseq, tmax, *t.shape[1:])
-        out[seq, pos] = t
-        return out.transpose(1, 2)  # [B, heads, T, d]
-
-    lens = torch.diff(batch.cu_seqlens).to(q.device)
+    lens = torch.diff(cu_seqlens).to(q.device)
+    coords, nseq = token_coords(cu_seqlens), lens.numel()
     ar = torch.arange(tmax, device=q.device)
     allowed = (ar[None, :] <= ar[:, None])[None] & (ar[None, None, :] < lens[:, None, None])
-    o = F.scaled_dot_product_attention(pad(q), pad(k), pad(v), attn_mask=allowed[:, None], enable_gqa=True)
-    return o.transpose(1, 2)[seq, pos]
+    o = F.scaled_dot_product_attention(*(_pad(t, coords, nseq, tmax).transpose(1, 2) for t in (q, k, v)),
+                                       attn_mask=allowed[:, None], enable_gqa=True)
+    return o.transpose(1, 2)[coords]
+
+
+def _shared_prefix_attention(q, k, v, sp: SharedPrefix) -> torch.Tensor:
+    """Causal attention over a SharedPrefix layout: the prompts among themselves, then each
+    continuation over [its prompt's keys | its own keys so far]. The prompt's keys are
+    gathered per continuation, so their gradient sums over the group."""
+    n = sp.prefix_tokens
+    out = _varlen_attention(q[:n], k[:n], v[:n], sp.prefix_cu, sp.prefix_max)
+    if q.shape[0] == n:
+        return out
+    pmax, smax, nsuf = sp.prefix_max, sp.suffix_max, sp.parent.numel()
+    pre, suf = token_coords(sp.prefix_cu), token_coords(sp.suffix_cu)
+    keys, values = ([_pad(t[:n], pre, sp.prefix_cu.numel() - 1, pmax)[sp.parent], _pad(t[n:], suf, nsuf, smax)]
+                    for t in (k, v))
+    keys, values = torch.cat(keys, 1).transpose(1, 2), torch.cat(values, 1).transpose(1, 2)
+    prompt_len = torch.diff(sp.prefix_cu).to(q.device)[sp.parent]
+    own_len = torch.diff(sp.suffix_cu).to(q.device)
+    ap, asuf = torch.arange(pmax, device=q.device), torch.arange(smax, device=q.device)
+    see_prompt = (ap[None, :] < prompt_len[:, None])[:, None, :].expand(-1, smax, -1)
+    see_own = (asuf[None, :] <= asuf[:, None])[None] & (asuf[None, None, :] < own_len[:, None, None])
+    allowed = torch.cat([see_prompt, see_own], -1)  # [S, T_own, T_prompt + T_own]; key 0 always seen
+    o = F.scaled_dot_product_attention(_pad(q[n:], suf, nsuf, smax).transpose(1, 2), keys, values,
+                                       attn_mask=allowed[:, None], enable_gqa=True)
+    return torch.cat([out, o.transpose(1, 2)[suf]])
+
+
+def _shared_lightning(ops: ModelOps, q, k, v, decay, scale: float, sp: SharedPrefix) -> torch.Tensor:
+    """Lightning attention over a SharedPrefix layout: the prompts first, then each
+    continuation from its prompt's final state (the state's gradient flows back into the
+    prompt, summed over the group)."""
+    n = sp.prefix_tokens
+    o, final = ops.lightning_attn(q[None, :n], k[None, :n], v[None, :n].contiguous(), decay, scale=scale,
+                                  output_final_state=True, cu_seqlens=sp.prefix_cu)
+    if q.shape[0] == n:
+        return o[0]
+    o_suf, _ = ops.lightning_attn(q[None, n:], k[None, n:], v[None, n:].contiguous(), decay, scale=scale,
+                                  initial_state=final[sp.parent], cu_seqlens=sp.suffix_cu)
+    return torch.cat([o[0], o_suf[0]])
 
 
 def _decode_attention(q, k, v, batch: SeqBatch, layer_idx: int) -> torch.Tensor:
@@ -207,7 +250,7 @@ def _cached_prefill_attention(q, k, v, batch: SeqBatch, layer_idx: int) -> torch
         slot = batch.slots[seq]
         k_cache[slot, :, pos] = k
         v_cache[slot, :, pos] = v
-        return _varlen_attention(q, k, v, batch)
+        return _varlen_attention(q, k, v, batch.cu_seqlens, batch.max_new)
     out = torch.empty_like(q)
     cu = batch.cu_seqlens.tolist()
     for b in range(len(cu) - 1):

@@ -83,6 +83,25 @@ class RingCache:
 
 
 @dataclass
+class SharedPrefix:
+    """A flat batch of sequences that share prompts (a GRPO group), each distinct prompt once:
+    rows [0, prefix_tokens) are the prompts packed by `prefix_cu`, the rest are the
+    continuations packed by `suffix_cu`, continuation j carrying on from prompt `parent[j]`.
+
+    The attention layers run a continuation as the tail of one sequence with its prompt (the
+    lightning recurrence starts from the prompt's final state, softmax queries also see the
+    prompt's keys), so each prompt's forward and backward is computed once per group, not once
+    per sample, and its gradient is the sum of what every continuation sends back."""
+
+    prefix_cu: torch.Tensor   # [U+1] int32
+    suffix_cu: torch.Tensor   # [S+1] int32
+    parent: torch.Tensor      # [S] long: the prompt each continuation extends
+    prefix_tokens: int
+    prefix_max: int
+    suffix_max: int
+
+
+@dataclass
 class SeqBatch:
     """Metadata of one forward over flattened tokens (what every layer sees).
 
@@ -96,6 +115,7 @@ class SeqBatch:
     cache: RingCache | None = None
     slots: torch.Tensor | None = None
     past_lens: torch.Tensor | None = None
+    shared: SharedPrefix | None = None
 
     @property
     def num_seqs(self) -> int:
@@ -108,9 +128,7 @@ class SeqBatch:
 
     def token_coords(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(sequence index, index within the new tokens) of every flattened token."""
-        lens = torch.diff(self.cu_seqlens).long()
-        seq = torch.repeat_interleave(torch.arange(lens.numel(), device=lens.device), lens)
-        return seq, torch.arange(seq.numel(), device=lens.device) - self.cu_seqlens[:-1].long()[seq]
+        return token_coords(self.cu_seqlens)
 
     @staticmethod
     def build(seqlens: torch.Tensor, cache: RingCache | None = None, slots: torch.Tensor | None = None) -> "SeqBatch":
@@ -127,3 +145,23 @@ class SeqBatch:
         positions = torch.arange(int(cu[-1]), device=device) - cu[:-1].long()[seq_of_token] + starts[seq_of_token]
         max_new = int(seqlens.max()) if seqlens.numel() else 0
         return SeqBatch(cu, positions, max_new, cache, slots, past)
+
+    @staticmethod
+    def build_shared(prompt_lens: torch.Tensor, suffix_lens: torch.Tensor, parent: torch.Tensor) -> "SeqBatch":
+        """The uncached batch of a `SharedPrefix` layout: prompts [U] of prompt_lens tokens,
+        then continuations [S] of suffix_lens (>= 1) tokens, continuation j after prompt
+        parent[j]. Per-token ops see U + S sequences; positions run on across the seam."""
+        pre, suf = SeqBatch.build(prompt_lens), SeqBatch.build(suffix_lens)
+        seq, _ = suf.token_coords()
+        positions = torch.cat([pre.positions, suf.positions + prompt_lens[parent][seq]])
+        cu = torch.cat([pre.cu_seqlens, suf.cu_seqlens[1:] + pre.cu_seqlens[-1]])
+        shared = SharedPrefix(pre.cu_seqlens, suf.cu_seqlens, parent.long(), int(pre.cu_seqlens[-1]),
+                              pre.max_new, suf.max_new)
+        return SeqBatch(cu, positions, max(pre.max_new, suf.max_new), shared=shared)
+
+
+def token_coords(cu_seqlens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sequence index, index within its sequence) of every token packed by cu_seqlens."""
+    lens = torch.diff(cu_seqlens).long()
+    seq = torch.repeat_interleave(torch.arange(lens.numel(), device=lens.device), lens)
+    return seq, torch.arange(seq.numel(), device=lens.device) - cu_seqlens[:-1].long()[seq]

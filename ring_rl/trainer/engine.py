@@ -26,7 +26,7 @@ from ring_rl.trainer.stats import StepStats, check_batch
 from ring_rl.trainer import checkpoint as ckpt
 from ring_rl.trainer.distributed import init_distributed
 from ring_rl.trainer.ds_config import build_ds_config, lr_factor
-from ring_rl.trainer.logprobs import (FlatPolicy, logprob_temperature, micro_batches, pack,
+from ring_rl.trainer.logprobs import (FlatPolicy, logprob_temperature, micro_batches, pack, pack_shared,
                                       response_sequences, score, stack_router_ids)
 from ring_rl.types import (AlignmentReport, RolloutBatch, TensorDict, TensorList, TrainBatch,
                             check_policy_lag)
@@ -92,9 +92,17 @@ class TrainerEngine:
         return deepspeed.zero.GatheredParameters(list(self.model.parameters()), modifier_rank=0 if modify else None)
 
     # -- logprobs -------------------------------------------------------------------------
-    def _pack(self, seqs, masks, idx, router_ids=None):
-        replay = [router_ids[i] for i in idx] if router_ids is not None else None
-        return pack([seqs[i] for i in idx], [masks[i] for i in idx], self.device, replay, self.moe_layers)
+    def _pack_rollout(self, rollout: RolloutBatch, idx: list[int], replay: bool):
+        """Sequences `idx` of a rollout (non-empty responses), each distinct prompt once
+        when trainer.share_prompts; replay: force the rollout's experts."""
+        def sub(xs):
+            return [xs[i] for i in idx]
+        routes = sub(rollout.router_ids) if replay else None
+        if self.cfg.share_prompts:
+            return pack_shared(sub(rollout.prompt_ids), sub(rollout.response_ids), self.device, routes,
+                               self.moe_layers)
+        seqs, masks = response_sequences(sub(rollout.prompt_ids), sub(rollout.response_ids))
+        return pack(seqs, masks, self.device, routes, self.moe_layers)
 
     @torch.no_grad()
     def compute_logprobs(self, rollout: RolloutBatch, temperature: float | None = None,
@@ -112,11 +120,10 @@ class TrainerEngine:
         temperature = temperature or logprob_temperature(rollout.sampling)
         if replay_routing and rollout.router_ids is None:
             raise ValueError("replay_routing=True but the rollout batch has no router_ids")
-        seqs, masks = response_sequences(rollout.prompt_ids, rollout.response_ids)
         out = self._no_scores(len(rollout))
         live = [i for i in range(len(rollout)) if len(rollout.response_ids[i]) > 0]
         for idx in micro_batches(live, self.cfg.micro_batch_size):
-            packed = self._pack(seqs, masks, idx, rollout.router_ids if replay_routing else None)
+            packed = self._pack_rollout(rollout, idx, replay_routing)
             self._put_scores(out, idx, packed, *score(self.engine, packed, temperature))
         return out
 
@@ -215,9 +222,8 @@ class TrainerEngine:
         """check_and_train's single pass: one forward serves the check and the update."""
         t0, rollout = time.perf_counter(), batch.rollout
         temperature = logprob_temperature(rollout.sampling)
-        seqs, masks = response_sequences(rollout.prompt_ids, rollout.response_ids)
         self.engine.set_gradient_accumulation_boundary(True)
-        packed = self._pack(seqs, masks, live, rollout.router_ids if replay else None)
+        packed = self._pack_rollout(rollout, live, replay)
         logp, ent, router_ids = score(self.engine, packed, temperature)
         scores = self._no_scores(len(rollout))
         self._put_scores(scores, live, packed, logp, ent, router_ids)
@@ -241,7 +247,6 @@ class TrainerEngine:
         if old is None:  # the weights before this update are the old policy
             old = self.compute_logprobs(rollout, temperature, replay_routing)[0]
         check_batch(batch, old)
-        seqs, masks = response_sequences(rollout.prompt_ids, rollout.response_ids)
         n, parts = len(rollout), cfg.num_minibatches
         bounds = [round(j * n / parts) for j in range(parts + 1)]
         acc = StepStats()
@@ -249,7 +254,7 @@ class TrainerEngine:
             for lo, hi in zip(bounds, bounds[1:]):
                 live = [i for i in range(lo, hi) if len(rollout.response_ids[i]) > 0]
                 if live:
-                    self._minibatch_step(batch, seqs, masks, old, live, temperature, replay_routing, acc)
+                    self._minibatch_step(batch, old, live, temperature, replay_routing, acc)
         return self._finish(acc, t0)
 
     def _finish(self, acc: "StepStats", t0: float, **extra: float) -> dict[str, float]:
@@ -260,7 +265,7 @@ class TrainerEngine:
                    **extra)
         return out
 
-    def _minibatch_step(self, batch, seqs, masks, old, live, temperature, replay, acc: "StepStats") -> None:
+    def _minibatch_step(self, batch, old, live, temperature, replay, acc: "StepStats") -> None:
         cfg, rollout = self.cfg, batch.rollout
         lens = {i: len(rollout.response_ids[i]) for i in live}
         # Denominator of the whole minibatch: token-mean over all its tokens, or the mean
@@ -269,7 +274,7 @@ class TrainerEngine:
         chunks = micro_batches(live, cfg.micro_batch_size)
         for j, idx in enumerate(chunks):
             self.engine.set_gradient_accumulation_boundary(j == len(chunks) - 1)
-            packed = self._pack(seqs, masks, idx, rollout.router_ids if replay else None)
+            packed = self._pack_rollout(rollout, idx, replay)
             logp, ent, _ = score(self.engine, packed, temperature)
             share = (sum(lens[i] for i in idx) if cfg.loss_agg == "token" else len(idx)) / denom
             self._micro_step(batch, old, packed, logp, ent, idx, lens, share, temperature, acc)
@@ -325,7 +330,8 @@ class TrainerEngine:
         loss_sum = 0.0
         for j, idx in enumerate(chunks):
             self.engine.set_gradient_accumulation_boundary(j == len(chunks) - 1)
-            logp, _, _ = score(self.engine, self._pack(seqs, masks, idx), 1.0, with_entropy=False)
+            packed = pack([seqs[i] for i in idx], [masks[i] for i in idx], self.device)
+            logp, _, _ = score(self.engine, packed, 1.0, with_entropy=False)
             loss = -logp.sum() / total
             self.engine.backward(loss, scale_wrt_gas=False)
             loss_sum += float(loss.detach())

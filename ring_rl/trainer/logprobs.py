@@ -7,6 +7,8 @@ input exactly the P + R - 1 positions whose experts the rollout recorded.
 
 Sequences are packed back to back with cu_seqlens (no padding); only the rows that predict a
 target token go through the lm_head (see `FlatPolicy`), so prompt positions cost no [V] row.
+`pack_shared` packs prompt + response sequences with each distinct prompt once (a GRPO group
+shares one): the prompt's rows are computed, and back-propagated, once per group.
 """
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ring_rl.model.cache import SeqBatch
+from ring_rl.model.cache import SeqBatch, SharedPrefix
 from ring_rl.model.modeling import RingLinearForCausalLM
 from ring_rl.model.sampling import entropy_from_logits, token_logprobs
 from ring_rl.types import SamplingParams
@@ -34,10 +36,20 @@ class PackedBatch:
     targets: torch.Tensor                         # [M] the target tokens, sequence by sequence
     num_targets: list[int]                        # targets per sequence (splits [M])
     replay_ids: dict[int, torch.Tensor] | None    # MoE layer -> experts [N, top_k] to replay
+    batch: SeqBatch | None = None                 # the layout when not plain packing (pack_shared)
+    token_rows: torch.Tensor | None = None        # pack_shared: each sequence's input positions'
+                                                  # rows, back to back in `seqlens` order
 
     def split(self, values: torch.Tensor) -> list[torch.Tensor]:
         """[M] per-target values → one tensor per packed sequence."""
         return list(torch.split(values, self.num_targets))
+
+    def per_sequence_rows(self, router_ids: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
+        """The model's per-row router ids in plain packed order (sequence after sequence,
+        `seqlens` long each), whatever the layout it ran."""
+        if self.token_rows is None:
+            return router_ids
+        return {layer: ids[self.token_rows] for layer, ids in router_ids.items()}
 
 
 def pack(sequences: list[torch.Tensor], target_masks: list[torch.Tensor], device: torch.device | str,
@@ -63,12 +75,7 @@ def pack(sequences: list[torch.Tensor], target_masks: list[torch.Tensor], device
         offset += seq.numel() - 1
     replay_ids = None
     if replay is not None:
-        for i, (r, n) in enumerate(zip(replay, seqlens)):
-            if r is None or r.dim() != 3 or r.shape[0] != len(moe_layers) or r.shape[1] != n:
-                shape = None if r is None else tuple(r.shape)
-                raise ValueError(f"router_ids[{i}]: expected [{len(moe_layers)}, {n}, top_k] "
-                                 f"(MoE layers x input positions), got {shape}")
-        stacked = torch.cat(replay, dim=1).to(device=device, dtype=torch.long)  # [L, N, k]
+        stacked = _stack_replay(replay, seqlens, moe_layers).to(device)
         replay_ids = {layer: stacked[j] for j, layer in enumerate(moe_layers)}
     return PackedBatch(
         input_ids=torch.cat(ids).to(device=device, dtype=torch.long),
@@ -77,6 +84,77 @@ def pack(sequences: list[torch.Tensor], target_masks: list[torch.Tensor], device
         targets=torch.cat(targets).to(device=device, dtype=torch.long),
         num_targets=counts,
         replay_ids=replay_ids,
+    )
+
+
+def _stack_replay(replay: list[torch.Tensor], seqlens: list[int], moe_layers: list[int]) -> torch.Tensor:
+    """Per-sequence experts [num_moe_layers, L_i, k] → [num_moe_layers, sum L_i, k] long."""
+    for i, (r, n) in enumerate(zip(replay, seqlens)):
+        if r is None or r.dim() != 3 or r.shape[0] != len(moe_layers) or r.shape[1] != n:
+            shape = None if r is None else tuple(r.shape)
+            raise ValueError(f"router_ids[{i}]: expected [{len(moe_layers)}, {n}, top_k] "
+                             f"(MoE layers x input positions), got {shape}")
+    return torch.cat(replay, dim=1).long()
+
+
+def pack_shared(prompts: list[torch.Tensor], responses: list[torch.Tensor], device: torch.device | str,
+                replay: list[torch.Tensor] | None = None, moe_layers: list[int] | None = None) -> PackedBatch:
+    """`pack(*response_sequences(prompts, responses))` with each distinct prompt laid out once
+    (`SharedPrefix`): the same logprobs, targets and router ids, in the same order, from
+    fewer rows. The row predicting a response's first token is its prompt's last row, shared
+    by the group; the continuation (response minus its last token) follows the prompts.
+    Responses must be non-empty; replay as in `pack` ([num_moe_layers, P_i + R_i - 1, top_k])."""
+    index: dict[tuple, int] = {}   # prompt tokens -> its number among the distinct prompts
+    uniq, parent_of = [], []       # each distinct prompt's first sequence; each sequence's prompt
+    for i, (p, r) in enumerate(zip(prompts, responses)):
+        if p.numel() < 1 or r.numel() < 1:
+            raise ValueError(f"sequence {i}: pack_shared needs a prompt and a response of >= 1 token, "
+                             f"got {p.numel()} and {r.numel()}")
+        key = tuple(p.tolist())
+        if key not in index:
+            index[key] = len(uniq)
+            uniq.append(i)
+        parent_of.append(index[key])
+    plens = [prompts[i].numel() for i in uniq]
+    pstart = [sum(plens[:u]) for u in range(len(uniq))]
+    row = sum(plens)
+    ids = [prompts[i].long() for i in uniq]
+    seqlens, rows, targets, counts, token_rows, source, suffix_lens, parent = [], [], [], [], [], [], [], []
+    orig = 0  # offset of sequence i's inputs in plain packed order
+    orig_start = []
+    for i, (p, r) in enumerate(zip(prompts, responses)):
+        u, plen, rlen = parent_of[i], p.numel(), r.numel()
+        orig_start.append(orig)
+        prompt_rows = torch.arange(pstart[u], pstart[u] + plen)
+        own_rows = torch.arange(row, row + rlen - 1)
+        if rlen > 1:
+            ids.append(r[:-1].long())
+            suffix_lens.append(rlen - 1)
+            parent.append(u)
+            source.append(orig + plen + torch.arange(rlen - 1))
+        rows.append(torch.cat([prompt_rows[-1:], own_rows]))
+        targets.append(r.long())
+        counts.append(rlen)
+        token_rows.append(torch.cat([prompt_rows, own_rows]))
+        seqlens.append(plen + rlen - 1)
+        row += rlen - 1
+        orig += plen + rlen - 1
+    source = [orig_start[i] + torch.arange(plens[u]) for u, i in enumerate(uniq)] + source
+    replay_ids = None
+    if replay is not None:
+        stacked = _stack_replay(replay, seqlens, moe_layers)[:, torch.cat(source)].to(device)
+        replay_ids = {layer: stacked[j] for j, layer in enumerate(moe_layers)}
+    batch = SeqBatch.build_shared(torch.tensor(plens, device=device), torch.tensor(suffix_lens, dtype=torch.long,
+                                  device=device), torch.tensor(parent, dtype=torch.long, device=device))
+    return PackedBatch(
+        input_ids=torch.cat(ids).to(device=device),
+        seqlens=torch.tensor(seqlens, dtype=torch.long, device=device),
+        rows=torch.cat(rows).to(device),
+        targets=torch.cat(targets).to(device),
+        num_targets=counts,
+        replay_ids=replay_ids,
+        batch=batch,
+        token_rows=torch.cat(token_rows).to(device),
     )
 
 
@@ -101,19 +179,22 @@ class FlatPolicy(nn.Module):
         self.model = model
 
     def forward(self, input_ids: torch.Tensor, seqlens: torch.Tensor, rows: torch.Tensor,
-                replay_ids: dict[int, torch.Tensor] | None = None):
-        """→ (fp32 logits [M, V] of the selected rows, router ids {moe_layer: [N, top_k]})."""
-        batch = SeqBatch.build(seqlens)
+                replay_ids: dict[int, torch.Tensor] | None = None, batch: SeqBatch | None = None):
+        """→ (fp32 logits [M, V] of the selected rows, router ids {moe_layer: [N, top_k]}).
+        batch: a prepared layout (`pack_shared`); default the plain packing of seqlens."""
+        batch = SeqBatch.build(seqlens) if batch is None else batch
         out = self.model.model.forward_flat(input_ids, batch, replay_ids)
         logits = self.model.ops.lm_logits(out.hidden[rows], self.model.lm_head.weight)
         return logits, out.router_ids
 
 
 def score(module: nn.Module, packed: PackedBatch, temperature: float, with_entropy: bool = True):
-    """Forward one packed batch → (fp32 logprobs [M], entropy [M] or None, router ids).
+    """Forward one packed batch → (fp32 logprobs [M], entropy [M] or None, router ids in
+    plain packed order).
 
     Entropy never carries a gradient (it is a metric here)."""
-    logits, router_ids = module(packed.input_ids, packed.seqlens, packed.rows, packed.replay_ids)
+    logits, router_ids = module(packed.input_ids, packed.seqlens, packed.rows, packed.replay_ids, batch=packed.batch)
+    router_ids = packed.per_sequence_rows(router_ids)
     logp = token_logprobs(logits, packed.targets, temperature)
     entropy = None
     if with_entropy:
