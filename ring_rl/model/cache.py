@@ -147,7 +147,7 @@ class SeqBatch:
         return SeqBatch(cu, positions, max_new, cache, slots, past)
 
     @staticmethod
-    def build_shared(prompt_lens: torch.Tensor, suffix_lens: torch.Tensor, parent: torch.Tensor) -> "SeqBatch":
+    def build_shared(prompt_lens: torch.Tensor, suffix_lens: torch.Tensor, parent: torch.Tensor) -> SeqBatch:
         """The uncached batch of a `SharedPrefix` layout: prompts [U] of prompt_lens tokens,
         then continuations [S] of suffix_lens (>= 1) tokens, continuation j after prompt
         parent[j]. Per-token ops see U + S sequences; positions run on across the seam."""

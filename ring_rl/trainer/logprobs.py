@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ring_rl.model.cache import SeqBatch, SharedPrefix
+from ring_rl.model.cache import SeqBatch
 from ring_rl.model.modeling import RingLinearForCausalLM
 from ring_rl.model.sampling import entropy_from_logits, token_logprobs
 from ring_rl.types import SamplingParams

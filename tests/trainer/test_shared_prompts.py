@@ -16,7 +16,13 @@ import torch
 from ring_rl.config import TrainerConfig
 from ring_rl.model import RingLinearForCausalLM, load_model_config
 from ring_rl.trainer.engine import TrainerEngine
-from ring_rl.trainer.logprobs import FlatPolicy, pack, pack_shared, response_sequences, score
+from ring_rl.trainer.logprobs import (
+    FlatPolicy,
+    pack,
+    pack_shared,
+    response_sequences,
+    score,
+)
 from ring_rl.types import RolloutBatch, SamplingParams, TrainBatch
 
 LP_TOL, GRAD_TOL = 1e-4, 1e-3
@@ -84,7 +90,7 @@ def test_shared_prompts_replay_the_recorded_experts(model):
     replay = list(torch.split(stacked, lens, dim=1))
     plain = pack(*response_sequences(prompts, responses), "cpu", replay, layers)
     shared = pack_shared(prompts, responses, "cpu", replay, layers)
-    lp_a, ids_a, _ = _scores(model, plain)
+    lp_a, _, _ = _scores(model, plain)
     lp_b, ids_b, _ = _scores(model, shared)
     assert all(torch.equal(ids_b[layer], stacked[j]) for j, layer in enumerate(layers))
     assert (lp_a - lp_b).abs().max() <= LP_TOL
