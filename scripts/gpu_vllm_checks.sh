@@ -9,7 +9,7 @@
 #   train  configs/gpu-tiny-vllm.yaml: GRPO with vLLM rollouts, colocated on one GPU (carry
 #          runs/tiny-arith-sft and runs/data from a CPU run of the main job)
 #   bench  benchmarks/rollout.py (vLLM + plugin vs the native engine, mid preset)
-#   exact  issue 10 on the GPU: the batch-invariant kernels' GPU tests, then GRPO with vLLM
+#   exact  [tests|tiny|mid] issue 10 on the GPU: the batch-invariant kernels' GPU tests, then GRPO with vLLM
 #          rollouts in alignment.mode=exact and default on the tiny SFT checkpoint (20 steps
 #          each: the bitwise check every step, and the step-time cost), and exact mode on the
 #          random-init mid preset (carry runs/tiny-arith-sft and runs/data as for train)
@@ -58,23 +58,30 @@ case "${1:-}" in
     cp "$W/gpu-tiny-vllm/metrics.jsonl" "$OUT/train_metrics.jsonl" 2>/dev/null
     cp "$W/gpu-tiny-vllm/report.html" "$OUT/train_report.html" 2>/dev/null
     ;;
-  exact)
-    TAIL=6 step exact_gpu_tests "$py" -m pytest -q -o addopts="" -m gpu tests/kernels/test_matmul.py \
-      tests/kernels/test_paged_attention.py tests/model/test_exact_ops.py
-    for mode in exact default; do
-      TAIL=8 step "tiny_$mode" cli train --config configs/gpu-tiny-vllm.yaml alignment.mode=$mode run.steps=20 \
-        run.eval_every=0 run.checkpoint_every=0 run.dir="$W/tiny-$mode"
-      "$py" scripts/summarize_metrics.py "$W/tiny-$mode/metrics.jsonl" | tee -a "$OUT/summary.txt"
-      cp "$W/tiny-$mode/metrics.jsonl" "$OUT/tiny_${mode}_metrics.jsonl" 2>/dev/null
-    done
-    [ -d "$W/mid" ] || cli init-model --preset mid --out "$W/mid" >/dev/null
-    # Random-init mid earns no reward, so its policy gradient is 0: weight decay makes every
-    # update move the weights anyway, so each step checks freshly synced weights.
-    TAIL=8 step mid_exact cli train --config configs/gpu-tiny-vllm.yaml alignment.mode=exact \
-      model.name_or_path="$W/mid" sft.enabled=false run.steps=20 run.prompts_per_step=8 run.eval_every=0 \
-      run.checkpoint_every=0 trainer.weight_decay=0.1 run.dir="$W/mid-exact"
-    "$py" scripts/summarize_metrics.py "$W/mid-exact/metrics.jsonl" | tee -a "$OUT/summary.txt"
-    cp "$W/mid-exact/metrics.jsonl" "$OUT/mid_exact_metrics.jsonl" 2>/dev/null
+  exact)  # exact [tests|tiny|mid]: one part only (default: all three)
+    part=${2:-all}
+    if [ "$part" = all ] || [ "$part" = tests ]; then
+      TAIL=6 step exact_gpu_tests "$py" -m pytest -q -o addopts="" -m gpu tests/kernels/test_matmul.py \
+        tests/kernels/test_paged_attention.py tests/model/test_exact_ops.py
+    fi
+    if [ "$part" = all ] || [ "$part" = tiny ]; then
+      for mode in exact default; do
+        TAIL=8 step "tiny_$mode" cli train --config configs/gpu-tiny-vllm.yaml alignment.mode=$mode run.steps=20 \
+          run.eval_every=0 run.checkpoint_every=0 run.dir="$W/tiny-$mode"
+        "$py" scripts/summarize_metrics.py "$W/tiny-$mode/metrics.jsonl" | tee -a "$OUT/summary.txt"
+        cp "$W/tiny-$mode/metrics.jsonl" "$OUT/tiny_${mode}_metrics.jsonl" 2>/dev/null
+      done
+    fi
+    if [ "$part" = all ] || [ "$part" = mid ]; then
+      [ -d "$W/mid" ] || cli init-model --preset mid --out "$W/mid" >/dev/null
+      # Random-init mid earns no reward, so its policy gradient is 0: weight decay makes every
+      # update move the weights anyway, so each step checks freshly synced weights.
+      TAIL=8 step mid_exact cli train --config configs/gpu-tiny-vllm.yaml alignment.mode=exact \
+        model.name_or_path="$W/mid" sft.enabled=false run.steps=20 run.prompts_per_step=8 run.eval_every=0 \
+        run.checkpoint_every=0 trainer.weight_decay=0.1 run.dir="$W/mid-exact"
+      "$py" scripts/summarize_metrics.py "$W/mid-exact/metrics.jsonl" | tee -a "$OUT/summary.txt"
+      cp "$W/mid-exact/metrics.jsonl" "$OUT/mid_exact_metrics.jsonl" 2>/dev/null
+    fi
     ;;
   bench)
     TAIL=12 step rollout_bench "$py" benchmarks/rollout.py "${@:2}"
