@@ -52,7 +52,7 @@ def _scores(model, packed):
     """(logprobs, router ids, grads of a weighted logprob sum) of one packed batch."""
     model.zero_grad()
     logp, _, ids = score(FlatPolicy(model), packed, 0.9, with_entropy=False)
-    (logp * torch.linspace(0.5, 2.0, logp.numel())).sum().backward()
+    (logp * torch.linspace(0.5, 2.0, logp.numel(), device=logp.device)).sum().backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     return logp.detach(), ids, grads
 
