@@ -13,9 +13,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ring_rl.config import TrainerConfig
 from ring_rl.model import RingLinearForCausalLM, load_model_config
-from ring_rl.trainer.engine import TrainerEngine
 from ring_rl.trainer.logprobs import (
     FlatPolicy,
     pack,
@@ -105,6 +103,9 @@ def test_trainer_update_is_the_same_with_and_without_sharing(tmp_path):
     """GRPO updates through DeepSpeed (two minibatches of micro-batches that split groups)
     with share_prompts on and off, from the same weights: the same logprobs before, the same
     loss and gradient norm, and weights that moved the same way."""
+    from ring_rl.config import TrainerConfig  # pydantic, DeepSpeed: not needed by the GPU test
+    from ring_rl.trainer.engine import TrainerEngine
+
     torch.manual_seed(0)
     config = load_model_config("tiny")
     config.num_hidden_layers = 3

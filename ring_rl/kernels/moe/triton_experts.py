@@ -39,6 +39,20 @@ CONFIGS = {
     "combine": (16, 256, 0, 4, 1),       # (tokens, hidden) tile of the per-token sum
 }
 LAUNCHED = {}   # the last compiled kernel of each launcher (register / spill counts)
+
+
+def fit_stages(bm: int, bn: int, bk: int, stages: int, dtype: torch.dtype, b_tiles: int = 1) -> int:
+    """The configs are tuned for bf16; fp32 operands need twice the shared memory per
+    pipeline stage (Triton keeps stages - 1 A and B tiles resident). Drop stages until the
+    tiles fit the GPU's per-block limit; the tile shape, hence the reduction order, stays."""
+    if not torch.cuda.is_available():  # the interpreter (CPU tests) has no shared memory limit
+        return stages
+    props = torch.cuda.get_device_properties(torch.cuda.current_device())
+    limit = getattr(props, "shared_memory_per_block_optin", 232448)
+    elem = torch.empty((), dtype=dtype).element_size()
+    while stages > 1 and (stages - 1) * (bm * bk + b_tiles * bk * bn) * elem > limit:
+        stages -= 1
+    return stages
 # Backward of the down projection: True = the SwiGLU backward in the GEMM's epilogue;
 # False = the GEMM stores dL/dh (x's dtype) and a row-wise kernel does the SwiGLU backward.
 # Unfused is faster on an H100 (0.86 vs 1.28 ms at Ring-mini shapes: the fused epilogue
@@ -323,6 +337,7 @@ def _prec(t: torch.Tensor) -> str:
 def gate_up(x, w_gate_up, plan: ExpertPlan, cfg=None):
     """(gu [N, 2I], h [N, I]) in x.dtype, sorted-row order."""
     bm, bn, bk, warps, stages = cfg or CONFIGS["gate_up"]
+    stages = fit_stages(bm, bn, bk, stages, x.dtype, b_tiles=2)
     e, two_i, hid = w_gate_up.shape
     inter = two_i // 2
     gu = torch.empty(plan.num_rows, two_i, device=x.device, dtype=x.dtype)
@@ -343,6 +358,7 @@ def row_gemm(a, w, plan: ExpertPlan, transpose_w: bool, cfg, gather_a=False, sca
     copies = (x, a_sorted, x_sorted) with gather_a: also writes a[tok] and x[tok] (x has a's
     width) to a_sorted and x_sorted [N, K] in sorted order (the loads are shared)."""
     bm, bn, bk, warps, stages = cfg
+    stages = fit_stages(bm, bn, bk, stages, a.dtype)
     e = w.shape[0]
     k = a.shape[1]
     n = w.shape[1] if transpose_w else w.shape[2]

@@ -32,6 +32,7 @@ from ring_rl.kernels.moe.triton_experts import (
     _prec,
     _tile,
     combine,
+    fit_stages,
     row_gemm,
 )
 
@@ -113,6 +114,7 @@ def wgrad(a, b, plan: ExpertPlan, gather_a: bool, out_dtype, cfg=None):
     """[E, M, N]: per expert, the sum over its rows of a[row]^T b[row] (gathered by token
     where asked). a: [*, M], b: [*, N]."""
     bm, bn, bk, warps, stages = cfg or CONFIGS["wgrad"]
+    stages = fit_stages(bm, bn, bk, stages, a.dtype)
     m, n, e = a.shape[1], b.shape[1], plan.num_experts
     c = torch.empty(e, m, n, device=a.device, dtype=out_dtype)
     grid = (e * triton.cdiv(m, bm) * triton.cdiv(n, bn),)
@@ -185,6 +187,7 @@ def down_bwd(dy, w_down, gu, wts, plan: ExpertPlan, fused=None, cfg=None, x=None
     dgu = torch.empty_like(gu)
     hw = torch.empty(n, inter, device=gu.device, dtype=gu.dtype)
     bm, bn, bk, warps, stages = cfg or CONFIGS["down_bwd"]
+    stages = fit_stages(bm, bn, bk, stages, dy.dtype)
     nb = triton.cdiv(inter, bn)
     dwp = torch.empty(nb, n, device=gu.device, dtype=torch.float32)
     te, tr = plan.tiles(bm)
