@@ -103,9 +103,8 @@ def test_trainer_update_is_the_same_with_and_without_sharing(tmp_path):
     """GRPO updates through DeepSpeed (two minibatches of micro-batches that split groups)
     with share_prompts on and off, from the same weights: the same logprobs before, the same
     loss and gradient norm, and weights that moved the same way."""
-    from ring_rl.config import (
-        TrainerConfig,  # pydantic, DeepSpeed: not needed by the GPU test
-    )
+    # imported here: pydantic and DeepSpeed are not needed by the GPU test above
+    from ring_rl.config import TrainerConfig
     from ring_rl.trainer.engine import TrainerEngine
 
     torch.manual_seed(0)
