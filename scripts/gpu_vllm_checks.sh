@@ -75,10 +75,12 @@ case "${1:-}" in
     if [ "$part" = all ] || [ "$part" = mid ]; then
       [ -d "$W/mid" ] || cli init-model --preset mid --out "$W/mid" >/dev/null
       # Random-init mid earns no reward, so its policy gradient is 0: weight decay makes every
-      # update move the weights anyway, so each step checks freshly synced weights.
+      # update move the weights anyway (lr x wd = 2e-3 of each weight per step, about half a
+      # bf16 ulp, so a large share of the synced bf16 weights change every step).
       TAIL=8 step mid_exact cli train --config configs/gpu-tiny-vllm.yaml alignment.mode=exact \
         model.name_or_path="$W/mid" sft.enabled=false run.steps=20 run.prompts_per_step=8 run.eval_every=0 \
-        run.checkpoint_every=0 trainer.weight_decay=0.1 run.dir="$W/mid-exact"
+        run.checkpoint_every=0 trainer.weight_decay=0.1 trainer.lr=2e-2 trainer.lr_schedule=constant \
+        trainer.warmup_steps=0 run.dir="$W/mid-exact"
       "$py" scripts/summarize_metrics.py "$W/mid-exact/metrics.jsonl" | tee -a "$OUT/summary.txt"
       cp "$W/mid-exact/metrics.jsonl" "$OUT/mid_exact_metrics.jsonl" 2>/dev/null
     fi
