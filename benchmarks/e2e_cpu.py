@@ -340,7 +340,9 @@ def main() -> int:
             ("- ring-rl threads: Ray rollout actor and DeepSpeed trainer actor, one torch thread each. Every "
              "step checks the trainer's log-probs of the rollout against the rollout's (alignment metrics, "
              "policy, gate) before its update; with one optimizer pass per step the update's own forward "
-             "is that log-prob pass (no separate recompute), as TRL with one iteration per batch has none."),
+             "is that log-prob pass (no separate recompute), as TRL with one iteration per batch has none. "
+             "The trainer runs each group's shared prompt once in that forward and its backward "
+             "(`trainer.share_prompts`, on by default); TRL runs every sequence whole."),
             ("- ring-rl overlapped (`rollout.max_staleness=1`): one-step off-policy, each rollout sampled with "
              "weights one update older than the ones it trains (staleness 1; the old log-probs of the ratio "
              "are the trainer's current ones); on-policy is the default and TRL's semantics."),
