@@ -19,6 +19,7 @@ triton_experts_bwd.py); the forward always runs these kernels (batch invariance:
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 import torch
@@ -40,24 +41,12 @@ CONFIGS = {
 }
 LAUNCHED = {}   # the last compiled kernel of each launcher (register / spill counts)
 
-
-def fit_stages(bm: int, bn: int, bk: int, stages: int, dtype: torch.dtype, b_tiles: int = 1) -> int:
-    """The configs are tuned for bf16; fp32 operands need twice the shared memory per
-    pipeline stage (Triton keeps stages - 1 A and B tiles resident). Drop stages until the
-    tiles fit the GPU's per-block limit; the tile shape, hence the reduction order, stays."""
-    if not torch.cuda.is_available():  # the interpreter (CPU tests) has no shared memory limit
-        return stages
-    props = torch.cuda.get_device_properties(torch.cuda.current_device())
-    limit = getattr(props, "shared_memory_per_block_optin", 232448)
-    elem = torch.empty((), dtype=dtype).element_size()
-    while stages > 1 and (stages - 1) * (bm * bk + b_tiles * bk * bn) * elem > limit:
-        stages -= 1
-    return stages
 # Backward of the down projection: True = the SwiGLU backward in the GEMM's epilogue;
 # False = the GEMM stores dL/dh (x's dtype) and a row-wise kernel does the SwiGLU backward.
 # Unfused is faster on an H100 (0.86 vs 1.28 ms at Ring-mini shapes: the fused epilogue
 # spills registers at every tile size tried; benchmarks/results/moe.md).
 DOWN_BWD_FUSED = False
+
 # Which backward GEMMs run through torch._grouped_mm (CUTLASS grouped GEMM on sm90, bf16;
 # elsewhere these paths fall back to "triton"; on CPU torch's per-group loop, for tests):
 #   "triton"     all Triton (rows gathered in the loads, no sorted copies);
@@ -70,6 +59,25 @@ DOWN_BWD_FUSED = False
 BWD_GEMMS = "triton"
 # Expert plan: "torch" (torch.sort + small ops) or "triton" (counting sort, triton_plan.py).
 PLAN = "torch"
+
+
+@functools.cache
+def _smem_limit(device: int) -> int:
+    props = torch.cuda.get_device_properties(device)
+    return getattr(props, "shared_memory_per_block_optin", 232448)
+
+
+def fit_stages(bm: int, bn: int, bk: int, stages: int, dtype: torch.dtype, b_tiles: int = 1) -> int:
+    """The configs are tuned for bf16; fp32 operands need twice the shared memory per
+    pipeline stage (Triton keeps stages - 1 A and B tiles resident). Drop stages until the
+    tiles fit the GPU's per-block limit; the tile shape, hence the reduction order, stays."""
+    if not torch.cuda.is_available():  # the interpreter (CPU tests) has no shared memory limit
+        return stages
+    limit = _smem_limit(torch.cuda.current_device())
+    elem = torch.empty((), dtype=dtype).element_size()
+    while stages > 1 and (stages - 1) * (bm * bk + b_tiles * bk * bn) * elem > limit:
+        stages -= 1
+    return stages
 
 
 @dataclass
