@@ -26,8 +26,8 @@ from ring_rl.trainer.stats import StepStats, check_batch
 from ring_rl.trainer import checkpoint as ckpt
 from ring_rl.trainer.distributed import init_distributed
 from ring_rl.trainer.ds_config import build_ds_config, lr_factor
-from ring_rl.trainer.logprobs import (FlatPolicy, logprob_temperature, micro_batches, pack, pack_shared,
-                                      response_sequences, score, stack_router_ids)
+from ring_rl.trainer.logprobs import (FlatPolicy, logprob_temperature, micro_batches, pack, pack_rollout,
+                                      score, stack_router_ids)
 from ring_rl.types import (AlignmentReport, RolloutBatch, TensorDict, TensorList, TrainBatch,
                             check_policy_lag)
 
@@ -93,16 +93,7 @@ class TrainerEngine:
 
     # -- logprobs -------------------------------------------------------------------------
     def _pack_rollout(self, rollout: RolloutBatch, idx: list[int], replay: bool):
-        """Sequences `idx` of a rollout (non-empty responses), each distinct prompt once
-        when trainer.share_prompts; replay: force the rollout's experts."""
-        def sub(xs):
-            return [xs[i] for i in idx]
-        routes = sub(rollout.router_ids) if replay else None
-        if self.cfg.share_prompts:
-            return pack_shared(sub(rollout.prompt_ids), sub(rollout.response_ids), self.device, routes,
-                               self.moe_layers)
-        seqs, masks = response_sequences(sub(rollout.prompt_ids), sub(rollout.response_ids))
-        return pack(seqs, masks, self.device, routes, self.moe_layers)
+        return pack_rollout(rollout, idx, self.device, self.moe_layers, self.cfg.share_prompts, replay)
 
     @torch.no_grad()
     def compute_logprobs(self, rollout: RolloutBatch, temperature: float | None = None,

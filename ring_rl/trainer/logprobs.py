@@ -158,6 +158,20 @@ def pack_shared(prompts: list[torch.Tensor], responses: list[torch.Tensor], devi
     )
 
 
+def pack_rollout(rollout, idx: list[int], device, moe_layers: list[int], share_prompts: bool,
+                 replay: bool) -> PackedBatch:
+    """Sequences `idx` of a RolloutBatch (non-empty responses) for the trainer: each distinct
+    prompt once when share_prompts, else every sequence whole; replay forces the rollout's
+    recorded experts."""
+    def sub(xs):
+        return [xs[i] for i in idx]
+    routes = sub(rollout.router_ids) if replay else None
+    if share_prompts:
+        return pack_shared(sub(rollout.prompt_ids), sub(rollout.response_ids), device, routes, moe_layers)
+    seqs, masks = response_sequences(sub(rollout.prompt_ids), sub(rollout.response_ids))
+    return pack(seqs, masks, device, routes, moe_layers)
+
+
 def response_sequences(prompts: list[torch.Tensor], responses: list[torch.Tensor]):
     """prompt + response ids and their target masks (the response tokens)."""
     seqs = [torch.cat([p.long(), r.long()]) for p, r in zip(prompts, responses)]
