@@ -162,3 +162,16 @@ def test_shared_prompts_on_the_gpu(model, dtype):
             assert (a - b).abs().max() / a.abs().max().clamp_min(1e-12) <= GRAD_TOL, name
         else:
             assert torch.nn.functional.cosine_similarity(a, b, dim=0) > 0.99, name
+
+
+def test_shared_prompts_with_one_token_responses_only(model):
+    """No continuation rows at all: every target is read off its prompt's last row."""
+    prompts = [torch.tensor([5, 6, 7]), torch.tensor([5, 6, 7]), torch.tensor([9, 4])]
+    responses = [torch.tensor([3]), torch.tensor([8]), torch.tensor([2])]
+    shared = pack_shared(prompts, responses, "cpu")
+    assert shared.input_ids.numel() == 5 and shared.batch.shared.parent.numel() == 0
+    lp_a, ids_a, g_a = _scores(model, pack(*response_sequences(prompts, responses), "cpu"))
+    lp_b, ids_b, g_b = _scores(model, shared)
+    assert (lp_a - lp_b).abs().max() <= LP_TOL
+    assert all(torch.equal(ids_a[k], ids_b[k]) for k in ids_a)
+    assert all((g_a[n] - g_b[n]).abs().max() <= GRAD_TOL * g_a[n].abs().max().clamp_min(1e-12) for n in g_a)
