@@ -12,6 +12,7 @@ shares one): the prompt's rows are computed, and back-propagated, once per group
 """
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import torch
@@ -116,7 +117,7 @@ def pack_shared(prompts: list[torch.Tensor], responses: list[torch.Tensor], devi
             uniq.append(i)
         parent_of.append(index[key])
     plens = [prompts[i].numel() for i in uniq]
-    pstart = [sum(plens[:u]) for u in range(len(uniq))]
+    pstart = [0, *itertools.accumulate(plens)][:-1]  # each prompt's first row
     row = sum(plens)
     ids = [prompts[i].long() for i in uniq]
     seqlens, rows, targets, counts, token_rows, source, suffix_lens, parent = [], [], [], [], [], [], [], []

@@ -319,3 +319,19 @@ def test_gpu_plan_counting_sort_matches_torch(monkeypatch):
     bias = rnd(gen, e, scale=0.3, device="cuda")
     _, ids = moe_route(logits, bias, MINI["k"], MINI["n_group"], MINI["topk_group"], 2.5)
     assert_same_plans(monkeypatch, ids, e)
+
+
+def test_fit_stages_keeps_fp32_tiles_within_shared_memory(monkeypatch):
+    """The H100's 227 KiB per block: the down-backward tile (128x256x64, 4 stages) needs
+    3 x 96 KiB in fp32 (what failed there) and 3 x 48 KiB in bf16. fp32 drops to 3 stages,
+    bf16 keeps its 4; a limit that fits nothing still leaves one stage."""
+    from ring_rl.kernels.moe import tile_fit
+
+    monkeypatch.setattr(tile_fit.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(tile_fit.torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(tile_fit, "_smem_limit", lambda device: 232448)
+    assert tile_fit.fit_stages(128, 256, 64, 4, torch.float32) == 3
+    assert tile_fit.fit_stages(128, 256, 64, 4, torch.bfloat16) == 4
+    assert tile_fit.fit_stages(128, 128, 64, 3, torch.float32, b_tiles=2) == 3
+    monkeypatch.setattr(tile_fit, "_smem_limit", lambda device: 1024)
+    assert tile_fit.fit_stages(128, 256, 64, 4, torch.float32) == 1

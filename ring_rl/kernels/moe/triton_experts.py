@@ -19,7 +19,6 @@ triton_experts_bwd.py); the forward always runs these kernels (batch invariance:
 """
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass, field
 
 import torch
@@ -27,6 +26,7 @@ import triton
 import triton.language as tl
 
 from ring_rl.kernels.moe import triton_plan
+from ring_rl.kernels.moe.tile_fit import fit_stages
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) per kernel; chosen on an H100 with
 # `benchmarks/moe.py --sweep` (see benchmarks/results/moe.md). Tests may shrink them.
@@ -59,25 +59,6 @@ DOWN_BWD_FUSED = False
 BWD_GEMMS = "triton"
 # Expert plan: "torch" (torch.sort + small ops) or "triton" (counting sort, triton_plan.py).
 PLAN = "torch"
-
-
-@functools.cache
-def _smem_limit(device: int) -> int:
-    props = torch.cuda.get_device_properties(device)
-    return getattr(props, "shared_memory_per_block_optin", 232448)
-
-
-def fit_stages(bm: int, bn: int, bk: int, stages: int, dtype: torch.dtype, b_tiles: int = 1) -> int:
-    """The configs are tuned for bf16; fp32 operands need twice the shared memory per
-    pipeline stage (Triton keeps stages - 1 A and B tiles resident). Drop stages until the
-    tiles fit the GPU's per-block limit; the tile shape, hence the reduction order, stays."""
-    if not torch.cuda.is_available():  # the interpreter (CPU tests) has no shared memory limit
-        return stages
-    limit = _smem_limit(torch.cuda.current_device())
-    elem = torch.empty((), dtype=dtype).element_size()
-    while stages > 1 and (stages - 1) * (bm * bk + b_tiles * bk * bn) * elem > limit:
-        stages -= 1
-    return stages
 
 
 @dataclass

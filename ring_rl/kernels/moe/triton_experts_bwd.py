@@ -24,6 +24,7 @@ import triton
 import triton.language as tl
 
 from ring_rl.kernels.moe import triton_experts as fx
+from ring_rl.kernels.moe.tile_fit import fit_stages
 from ring_rl.kernels.moe.triton_experts import (
     CONFIGS,
     LAUNCHED,
@@ -32,7 +33,6 @@ from ring_rl.kernels.moe.triton_experts import (
     _prec,
     _tile,
     combine,
-    fit_stages,
     row_gemm,
 )
 
