@@ -238,6 +238,7 @@ def grpo_step(cfg: RunConfig, scored: ScoredRollout, workers: Workers, tokenizer
         "perf/overlap_s": t_ahead - t0,     # of which spent on the next step's rollout (and its weights)
         "perf/align_s": t_align - t_train,  # the per-token files
         "perf/sync_s": sync_s,
+        **({"perf/sync_gbytes": workers.sync_bytes / 1e9} if workers.sync_bytes else {}),  # collective sync
     }, samples, ahead
 
 

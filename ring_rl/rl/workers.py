@@ -50,6 +50,7 @@ class Workers:
         self.timeout_s = cfg.ray.call_timeout_s
         self.restarts_left = cfg.ray.max_rollout_restarts
         self.restarts = 0  # rollout actors replaced so far in this run
+        self.sync_bytes = 0  # bytes of the last collective weight broadcast (rollout.weight_sync=collective)
         self.pg, trainer_idx, self.rollout_bundles = actor_groups(cfg)
         self.trainer, self.rollouts = None, []
         self._payload = None  # the last weights sent, kept when steps overlap (see sync_weights)
@@ -172,7 +173,7 @@ class Workers:
             versions = ray.get([r.sync_receive.remote() for r in self.rollouts], timeout=self.timeout_s)
         except (GetTimeoutError, RayActorError) as e:
             raise RolloutFailed(f"weight broadcast to the rollout actors failed: {_first_line(e)}") from None
-        version, _ = self._trainer_get("sync_send", send)
+        version, self.sync_bytes = self._trainer_get("sync_send", send)
         if set(versions) != {version}:
             raise RolloutFailed(f"weight broadcast: rollout actors report versions {versions}, the trainer sent {version}")
         self.version = version

@@ -109,6 +109,9 @@ def test_a_run_syncs_weights_by_broadcast(tmp_path):
     # a generate call at another version), and each update moved the version on.
     assert [r["weights/version"] for r in rows] == [1, 2, 3]
     assert [r["rollout/staleness"] for r in rows] == [0, 0, 0]
+    # every broadcast carried the whole model: the tiny checkpoint's bytes, fp32 on CPU
+    sizes = {r["perf/sync_gbytes"] for r in rows}
+    assert len(sizes) == 1 and sizes.pop() * 1e9 > 0.5 * (prepared / "model" / "model.safetensors").stat().st_size
 
 
 @pytest.mark.parametrize("extra,match", [
