@@ -9,9 +9,10 @@
 #   train  configs/gpu-tiny-vllm.yaml: GRPO with vLLM rollouts, colocated on one GPU (carry
 #          runs/tiny-arith-sft and runs/data from a CPU run of the main job)
 #   bench  benchmarks/rollout.py (vLLM + plugin vs the native engine, mid preset)
-#   split  [tiny|mid] two GPUs: configs/gpu-split-vllm.yaml (trainer on one GPU, vLLM on the
+#   split  [tiny|mid] [key=value ...] two GPUs: configs/gpu-split-vllm.yaml (trainer on one GPU, vLLM on the
 #          other, weights broadcast over NCCL) on the tiny SFT checkpoint (carry it as for
-#          train), then the random-init mid preset with moving weights (as exact mid)
+#          train), then the random-init mid preset with moving weights (as exact mid);
+#          overrides after the part go to both runs (e.g. rollout.weight_sync=object_store)
 #   exact  [tests|tiny|mid] issue 10 on the GPU: the batch-invariant kernels' GPU tests, then GRPO with vLLM
 #          rollouts in alignment.mode=exact and default on the tiny SFT checkpoint (20 steps
 #          each: the bitwise check every step, and the step-time cost), and exact mode on the
@@ -93,7 +94,7 @@ case "${1:-}" in
     # NVLink multicast stays off (the machine's rule; set here too in case the image lacks it)
     export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
     if [ "$part" = all ] || [ "$part" = tiny ]; then
-      TAIL=8 step split_tiny cli train --config configs/gpu-split-vllm.yaml run.dir="$W/split-tiny"
+      TAIL=8 step split_tiny cli train --config configs/gpu-split-vllm.yaml run.dir="$W/split-tiny" "${@:3}"
       "$py" scripts/summarize_metrics.py "$W/split-tiny/metrics.jsonl" | tee -a "$OUT/summary.txt"
       cp "$W/split-tiny/metrics.jsonl" "$OUT/split_tiny_metrics.jsonl" 2>/dev/null
     fi
@@ -102,7 +103,7 @@ case "${1:-}" in
       TAIL=8 step split_mid cli train --config configs/gpu-split-vllm.yaml model.name_or_path="$W/mid" \
         sft.enabled=false run.steps=10 run.prompts_per_step=8 run.eval_every=0 run.checkpoint_every=0 \
         trainer.weight_decay=0.1 trainer.lr=2e-2 trainer.lr_schedule=constant trainer.warmup_steps=0 \
-        run.dir="$W/split-mid"
+        run.dir="$W/split-mid" "${@:3}"
       "$py" scripts/summarize_metrics.py "$W/split-mid/metrics.jsonl" | tee -a "$OUT/summary.txt"
       cp "$W/split-mid/metrics.jsonl" "$OUT/split_mid_metrics.jsonl" 2>/dev/null
     fi
