@@ -7,4 +7,4 @@ cd "$ROOT"
 # One OpenMP thread per process: tests start Ray actors and subprocesses on a 2-core machine,
 # where spinning OpenMP threads of several processes slow each other down tenfold.
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
-exec python -m pytest -q "$@"
+exec python -m pytest -q --durations=15 "$@"

@@ -65,10 +65,12 @@ class RingCache:
         """Slots `dst` continue from what slots `src` hold (e.g. a prompt prefilled once)."""
         self.lengths[dst] = self.lengths[src]
         for s in self.state.values():
-            s[dst] = s[src]
-        for k, v in self.kv.values():
-            k[dst] = k[src]
-            v[dst] = v[src]
+            s.index_copy_(0, dst, s.index_select(0, src))
+        if self.kv:  # only the positions the sources hold: the rest of the capacity is unused
+            used = int(self.lengths[src].max()) if src.numel() else 0
+            for k, v in self.kv.values():
+                for t in (k, v):
+                    t[:, :, :used].index_copy_(0, dst, t[:, :, :used].index_select(0, src))
 
     def reset(self, slots: torch.Tensor | None = None) -> None:
         """Free slots for new sequences (all slots when `slots` is None)."""

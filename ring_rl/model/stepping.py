@@ -59,9 +59,14 @@ def run_schedule(model: RingLinearForCausalLM, prompts: list[list[int]], max_new
         keep = ~done
         if step == max_new_tokens - 1 or not bool(keep.any()):
             break
-        if not bool(keep.all()):  # the rows left move up to slots 0..m-1: one copy now, none per step
-            cache.copy_slots(keep.nonzero().squeeze(-1), torch.arange(int(keep.sum()), device=dev))
-        active, tokens = active[keep], tokens[keep]
+        if not bool(keep.all()):  # the m rows left take slots 0..m-1: only rows above m move
+            m = int(keep.sum())
+            holes = (~keep[:m]).nonzero().squeeze(-1)      # slots below m whose rows are done
+            movers = keep[m:].nonzero().squeeze(-1) + m    # rows going on in slots m and up
+            cache.copy_slots(movers, holes)
+            order = torch.arange(m, device=dev)
+            order[holes] = movers
+            active, tokens = active[order], tokens[order]
         slots = torch.arange(active.numel(), device=dev)
         batch = SeqBatch.build(torch.ones(active.numel(), dtype=torch.long, device=dev), cache, slots)
         logits, out = model.forward_flat(tokens, batch)
