@@ -63,11 +63,11 @@ class RingCache:
 
     def copy_slots(self, src: torch.Tensor, dst: torch.Tensor) -> None:
         """Slots `dst` continue from what slots `src` hold (e.g. a prompt prefilled once)."""
+        used = int(self.lengths[src].max()) if src.numel() else 0  # positions the sources hold
         self.lengths[dst] = self.lengths[src]
         for s in self.state.values():
             s.index_copy_(0, dst, s.index_select(0, src))
-        if self.kv:  # only the positions the sources hold: the rest of the capacity is unused
-            used = int(self.lengths[src].max()) if src.numel() else 0
+        if self.kv:  # the KV capacity past `used` holds nothing yet: not copied
             for k, v in self.kv.values():
                 for t in (k, v):
                     t[:, :, :used].index_copy_(0, dst, t[:, :, :used].index_select(0, src))
