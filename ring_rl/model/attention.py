@@ -9,7 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ring_rl.model.cache import SeqBatch, SharedPrefix, token_coords
+from ring_rl.kernels.packing import pad_packed, token_coords
+from ring_rl.model.cache import SeqBatch, SharedPrefix
 from ring_rl.model.config import RingLinearConfig
 from ring_rl.model.ops import ModelOps
 
@@ -149,13 +150,6 @@ class SoftmaxAttention(nn.Module):
         return self.ops.linear(out.reshape(n, self.num_heads * d), self.dense.weight)
 
 
-def _pad(t: torch.Tensor, coords: tuple[torch.Tensor, torch.Tensor], nseq: int, tmax: int) -> torch.Tensor:
-    """Packed [N, ...] → [B, T_max, ...] (coords: `token_coords`), zeros past each end."""
-    out = t.new_zeros(nseq, tmax, *t.shape[1:])
-    out[coords] = t
-    return out
-
-
 def _varlen_attention(q, k, v, cu_seqlens: torch.Tensor, tmax: int) -> torch.Tensor:
     """Causal attention of packed sequences in one call: pad to [B, T_max], mask keys that
     lie ahead or beyond a sequence's end, unpad. q [N, H, d], k/v [N, Hkv, d]."""
@@ -163,7 +157,7 @@ def _varlen_attention(q, k, v, cu_seqlens: torch.Tensor, tmax: int) -> torch.Ten
     coords, nseq = token_coords(cu_seqlens), lens.numel()
     ar = torch.arange(tmax, device=q.device)
     allowed = (ar[None, :] <= ar[:, None])[None] & (ar[None, None, :] < lens[:, None, None])
-    o = F.scaled_dot_product_attention(*(_pad(t, coords, nseq, tmax).transpose(1, 2) for t in (q, k, v)),
+    o = F.scaled_dot_product_attention(*(pad_packed(t, coords, nseq, tmax).transpose(1, 2) for t in (q, k, v)),
                                        attn_mask=allowed[:, None], enable_gqa=True)
     return o.transpose(1, 2)[coords]
 
@@ -178,7 +172,7 @@ def _shared_prefix_attention(q, k, v, sp: SharedPrefix) -> torch.Tensor:
         return out
     pmax, smax, nsuf = sp.prefix_max, sp.suffix_max, sp.parent.numel()
     pre, suf = token_coords(sp.prefix_cu), token_coords(sp.suffix_cu)
-    keys, values = ([_pad(t[:n], pre, sp.prefix_cu.numel() - 1, pmax)[sp.parent], _pad(t[n:], suf, nsuf, smax)]
+    keys, values = ([pad_packed(t[:n], pre, sp.prefix_cu.numel() - 1, pmax)[sp.parent], pad_packed(t[n:], suf, nsuf, smax)]
                     for t in (k, v))
     keys, values = torch.cat(keys, 1).transpose(1, 2), torch.cat(values, 1).transpose(1, 2)
     prompt_len = torch.diff(sp.prefix_cu).to(q.device)[sp.parent]
@@ -187,7 +181,7 @@ def _shared_prefix_attention(q, k, v, sp: SharedPrefix) -> torch.Tensor:
     see_prompt = (ap[None, :] < prompt_len[:, None])[:, None, :].expand(-1, smax, -1)
     see_own = (asuf[None, :] <= asuf[:, None])[None] & (asuf[None, None, :] < own_len[:, None, None])
     allowed = torch.cat([see_prompt, see_own], -1)  # [S, T_own, T_prompt + T_own]; key 0 always seen
-    o = F.scaled_dot_product_attention(_pad(q[n:], suf, nsuf, smax).transpose(1, 2), keys, values,
+    o = F.scaled_dot_product_attention(pad_packed(q[n:], suf, nsuf, smax).transpose(1, 2), keys, values,
                                        attn_mask=allowed[:, None], enable_gqa=True)
     return torch.cat([out, o.transpose(1, 2)[suf]])
 

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ring_rl.kernels.packing import token_coords
 from ring_rl.model.config import RingLinearConfig
 
 
@@ -143,8 +144,8 @@ class SeqBatch:
                 slots = torch.arange(seqlens.numel(), device=device)
             past = cache.lengths[slots].to(device)
         starts = past if past is not None else torch.zeros_like(seqlens)
-        seq_of_token = torch.repeat_interleave(torch.arange(seqlens.numel(), device=device), seqlens)
-        positions = torch.arange(int(cu[-1]), device=device) - cu[:-1].long()[seq_of_token] + starts[seq_of_token]
+        seq_of_token, offset = token_coords(cu)
+        positions = offset + starts[seq_of_token]
         max_new = int(seqlens.max()) if seqlens.numel() else 0
         return SeqBatch(cu, positions, max_new, cache, slots, past)
 
@@ -160,10 +161,3 @@ class SeqBatch:
         shared = SharedPrefix(pre.cu_seqlens, suf.cu_seqlens, parent.long(), int(pre.cu_seqlens[-1]),
                               pre.max_new, suf.max_new)
         return SeqBatch(cu, positions, max(pre.max_new, suf.max_new), shared=shared)
-
-
-def token_coords(cu_seqlens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(sequence index, index within its sequence) of every token packed by cu_seqlens."""
-    lens = torch.diff(cu_seqlens).long()
-    seq = torch.repeat_interleave(torch.arange(lens.numel(), device=lens.device), lens)
-    return seq, torch.arange(seq.numel(), device=lens.device) - cu_seqlens[:-1].long()[seq]

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from ring_rl.kernels.packing import pad_packed, token_coords
+
 MAX_LEN = 256  # the quadratic form costs T^2 per head: longer sequences take the chunked path
 
 
@@ -24,10 +26,9 @@ def lightning_attn_batched(q, k, v, log_decay, scale, initial_state, output_fina
         seq = pos = None
     else:
         lens = torch.diff(cu_seqlens).long()
-        seq = torch.repeat_interleave(torch.arange(lens.numel(), device=q.device), lens)
-        pos = torch.arange(seq.numel(), device=q.device) - cu_seqlens[:-1].long()[seq]
+        seq, pos = token_coords(cu_seqlens.to(q.device))
         tmax = int(lens.max()) if lens.numel() else 0
-        qp, kp, vp = (_pad(x[0], seq, pos, lens.numel(), tmax) for x in (q, k, v))
+        qp, kp, vp = (pad_packed(x[0], (seq, pos), lens.numel(), tmax) for x in (q, k, v))
     tmax = qp.shape[1]
     g = log_decay.float().to(q.device)
     t = torch.arange(tmax, device=q.device, dtype=torch.float32)
@@ -52,8 +53,3 @@ def lightning_attn_batched(q, k, v, log_decay, scale, initial_state, output_fina
         o = o[seq, pos][None]
     return o.to(out_dtype), final
 
-
-def _pad(x: torch.Tensor, seq: torch.Tensor, pos: torch.Tensor, nseq: int, tmax: int) -> torch.Tensor:
-    out = x.new_zeros(nseq, tmax, *x.shape[1:])
-    out[seq, pos] = x
-    return out
