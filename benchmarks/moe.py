@@ -258,7 +258,8 @@ def main():
     if args.sweep:
         sweep(peak)
     print(f"configs: DOWN_BWD_FUSED={kx.DOWN_BWD_FUSED}, BWD_GEMMS={kx.BWD_GEMMS!r}, "
-          f"PLAN={kx.PLAN!r}, router DW_SPLIT_ROWS={kr.DW_SPLIT_ROWS}, {kx.CONFIGS}\n")
+          f"PLAN={kx.PLAN!r}, router DW_SPLIT_ROWS={kr.DW_SPLIT_ROWS} DX_TILES={kr.DX_TILES}, "
+          f"{kx.CONFIGS}\n")
     main_table(peak)
     if args.variants:
         # benchmarks/ is on sys.path when this file runs as a script

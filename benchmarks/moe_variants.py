@@ -35,15 +35,15 @@ from ring_rl.kernels.moe import triton_router as kr
 # Block variants: module constants -> value. The first is the path the results file timed
 # (and the constants' defaults); BWD_GEMMS is explained in triton_experts.py.
 VARIANTS = [
-    ("before: Triton backward, torch plan, router dW unsplit",
-     {"BWD_GEMMS": "triton", "PLAN": "torch", "DW_SPLIT_ROWS": 0}),
-    ("Triton backward, Triton plan, router dW split",
-     {"BWD_GEMMS": "triton", "PLAN": "triton", "DW_SPLIT_ROWS": 2048}),
-    ("gmm_dw: dW grouped_mm, sorted rows copied by the G GEMM; Triton plan, dW split",
+    ("default: x, dy rows sorted by gather_rows, dW grouped_mm; Triton plan, router dW split",
      {"BWD_GEMMS": "gmm_dw", "PLAN": "triton", "DW_SPLIT_ROWS": 2048}),
-    ("gmm_dw_dx: dW and dx grouped_mm; Triton plan, dW split",
+    ("all-Triton backward, torch plan, router dW unsplit (the defaults before)",
+     {"BWD_GEMMS": "triton", "PLAN": "torch", "DW_SPLIT_ROWS": 0}),
+    ("all-Triton backward; Triton plan, router dW split",
+     {"BWD_GEMMS": "triton", "PLAN": "triton", "DW_SPLIT_ROWS": 2048}),
+    ("gmm_dw_dx: as the default, and dx grouped_mm",
      {"BWD_GEMMS": "gmm_dw_dx", "PLAN": "triton", "DW_SPLIT_ROWS": 2048}),
-    ("gmm_all: index_select copies, G, dx, dW grouped_mm; Triton plan, dW split",
+    ("gmm_all: as gmm_dw_dx, and G grouped_mm",
      {"BWD_GEMMS": "gmm_all", "PLAN": "triton", "DW_SPLIT_ROWS": 2048}),
 ]
 SETTING_MODULE = {"BWD_GEMMS": kx, "PLAN": kx, "DW_SPLIT_ROWS": kr}
@@ -150,8 +150,7 @@ def part_table(peak, x, gate, bias, wgu, wd, dy):
     dgu, hw, _ = kb.down_bwd(dy, wdd, gu, wts, plan, fused=False)
     cfg_g, cfg_dx = kx.CONFIGS["down_bwd"], kx.CONFIGS["dx"]
     g_rows = kx.row_gemm(dy, wdd, plan, False, cfg_g, gather_a=True, scatter_c=False)
-    xs, dys = xd.index_select(0, plan.tokens), dy.index_select(0, plan.tokens)
-    copies = (xd, torch.empty_like(dys), torch.empty_like(xs))
+    xs, dys = kb.gather_rows(xd, plan), kb.gather_rows(dy, plan)
     o = kx.row_gemm(h, wdd, plan, transpose_w=True, cfg=kx.CONFIGS["down"])
     dl = torch.randn(T, E, device=DEVICE)
     gemm = 2 * T * K * H * I                          # one H x I GEMM over all rows
@@ -170,12 +169,12 @@ def part_table(peak, x, gate, bias, wgu, wd, dy):
     timed(peak, "combine, forward (weighted)", "Triton", lambda: kx.combine(o, wts, T))
     timed(peak, "G = dy[tok] Wd", "Triton",
           lambda: kx.row_gemm(dy, wdd, plan, False, cfg_g, gather_a=True, scatter_c=False), gemm)
-    timed(peak, "G = dy[tok] Wd", "Triton, also writes x, dy rows sorted",
-          lambda: kx.row_gemm(dy, wdd, plan, False, cfg_g, True, False, copies), gemm)
     timed(peak, "G = dy[tok] Wd", "grouped_mm on sorted dy", lambda: gmm(dys, wdd, offs=plan.ends),
           gemm)
     timed(peak, "x, dy rows sorted", "index_select",
           lambda: (xd.index_select(0, plan.tokens), dy.index_select(0, plan.tokens)))
+    timed(peak, "x, dy rows sorted", "gather_rows (Triton)",
+          lambda: (kb.gather_rows(xd, plan), kb.gather_rows(dy, plan)))
     timed(peak, "SwiGLU backward (row-wise, after G)", "Triton",
           lambda: kb.swiglu_bwd(g_rows, gu, wts, plan))
     timed(peak, "dx = combine(dgu Wgu)", "Triton",

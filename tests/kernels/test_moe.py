@@ -174,14 +174,17 @@ def test_route_rejects_bad_arguments():
 
 
 # --------------------------------------------------------------------- moe_experts (CPU)
-@pytest.mark.parametrize("t,h,inter,e,k,fused", [(1, 48, 32, 8, 2, True),
-                                                 (37, 48, 32, 8, 3, False),
-                                                 (70, 40, 24, 16, 4, True),
-                                                 (64, 64, 32, 4, 1, False)])
-def test_experts_match_reference(triton_mode, monkeypatch, t, h, inter, e, k, fused):
+@pytest.mark.parametrize("t,h,inter,e,k,fused,mode", [(1, 48, 32, 8, 2, True, "triton"),
+                                                      (37, 48, 32, 8, 3, False, "gmm_dw"),
+                                                      (70, 40, 24, 16, 4, True, "gmm_dw"),
+                                                      (64, 64, 32, 4, 1, False, "triton")])
+def test_experts_match_reference(triton_mode, monkeypatch, t, h, inter, e, k, fused, mode):
     """fused: the SwiGLU backward in the down-projection GEMM's epilogue, or a separate
-    row-wise kernel (both paths are kept; triton_experts.DOWN_BWD_FUSED picks one)."""
+    row-wise kernel (both paths are kept; triton_experts.DOWN_BWD_FUSED picks one). mode:
+    the weight gradients in Triton or (the default) through torch._grouped_mm on copied
+    rows (on CPU torch's per-group loop)."""
     monkeypatch.setattr(triton_experts, "DOWN_BWD_FUSED", fused)
+    monkeypatch.setattr(triton_experts, "BWD_GEMMS", mode)
     check_experts(expert_inputs(t, h, inter, e, k, seed=t))
 
 

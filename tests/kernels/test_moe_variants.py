@@ -13,6 +13,7 @@ from ring_rl.kernels.moe import (
     router_logits_ref,
     triton_experts,
     triton_experts_bwd,
+    triton_plan,
     triton_router,
 )
 from tests.kernels.moe_cases import (
@@ -34,13 +35,14 @@ from tests.kernels.moe_cases import (
 def test_experts_backward_variants(triton_mode, monkeypatch, mode, t, h, inter, e, k, fused):
     """The torch._grouped_mm backward paths with the Triton plan, against the reference;
     experts 0 and e-1 idle (exact zero weight gradients); bitwise reproducible. The G GEMM
-    runs with BLOCK_N 16, BLOCK_K 32: three column blocks (the first copies the dy rows, the
-    last the x rows, the middle one neither) and a ragged K. h=42 fp32 rows are not 16-byte
-    multiples: grouped_mm cannot take them, and the Triton kernels must run instead."""
+    runs with BLOCK_N 16, BLOCK_K 32 (three column blocks, a ragged K) and the row copy with
+    16-column steps (a ragged last one). h=42 fp32 rows are not 16-byte multiples: grouped_mm
+    cannot take them, and the Triton kernels must run instead."""
     monkeypatch.setattr(triton_experts, "BWD_GEMMS", mode)
     monkeypatch.setattr(triton_experts, "PLAN", "triton")
     monkeypatch.setattr(triton_experts, "DOWN_BWD_FUSED", fused)
     monkeypatch.setitem(triton_experts.CONFIGS, "down_bwd", (16, 16, 32, 4, 1))
+    monkeypatch.setitem(triton_experts.CONFIGS, "gather_rows", (8, 16, 0, 4, 1))
     assert triton_experts_bwd.grouped_mm_ok(torch.zeros(1), h, inter) == (h != 42)
     inputs = expert_inputs(t, h, inter, e, k, seed=t, ids=ids_avoiding(t, e, k, (0, e - 1), t))
     got = check_experts(inputs)
@@ -51,9 +53,23 @@ def test_experts_backward_variants(triton_mode, monkeypatch, mode, t, h, inter, 
         assert torch.equal(a, b), f"{name} not bitwise reproducible"
 
 
-@pytest.mark.parametrize("t,k,e", [(1, 2, 5), (37, 3, 8), (300, 8, 24), (129, 4, 256)])
-def test_plan_counting_sort_matches_torch(triton_mode, monkeypatch, t, k, e):
+@pytest.mark.parametrize("t,k,e,scan_rows", [(1, 2, 5, 256), (37, 3, 8, 256), (300, 8, 24, 4),
+                                              (129, 4, 256, 256)])
+def test_plan_counting_sort_matches_torch(triton_mode, monkeypatch, t, k, e, scan_rows):
+    """Bitwise the torch plan; scan_rows 4: the column scan carries over 5 steps of 4 blocks
+    (19 blocks of 128 slots, the last step ragged)."""
+    monkeypatch.setattr(triton_plan, "CUMSUM_ROWS", scan_rows)
     assert_same_plans(monkeypatch, ids_avoiding(t, e, k, (1,), seed=e), e)
+
+
+def test_gather_rows_copies_token_rows(triton_mode):
+    """gather_rows = src[plan.tokens], every row and column (width not a multiple of the
+    column step; several row blocks, the last ragged)."""
+    gen = torch.Generator().manual_seed(4)
+    ids = ids_avoiding(45, 7, 3, (2,), seed=4)
+    plan = triton_experts.make_plan(ids, 7)
+    src = rnd(gen, 45, 300)
+    assert torch.equal(triton_experts_bwd.gather_rows(src, plan), src[plan.tokens.long()])
 
 
 @pytest.mark.parametrize("t,split_rows", [(1000, 64), (130, 64)])

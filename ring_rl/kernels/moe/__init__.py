@@ -15,12 +15,13 @@ plain-PyTorch reference on CPU tensors. The Triton path:
 - moe_route: the selection runs in one Triton kernel, the weights in another with an analytic
   backward (`triton_router.py`); the weights are the same bits as the reference's (same fp32
   operations, same order), their gradient equal to fp32 rounding.
-- moe_experts: stable sort of the slots by expert (torch.sort, or a Triton counting sort:
+- moe_experts: stable sort of the slots by expert (a Triton counting sort, or torch.sort:
   `triton_experts.PLAN`), then grouped Triton GEMMs with gathered rows and a fused SwiGLU
   epilogue, and a per-token gather-combine (`triton_experts.py`, backward in
   `triton_experts_bwd.py`). The forward never uses torch._grouped_mm (it needs a permuted copy
-  of x, and our fixed tiles keep the forward batch invariant); the backward can run its GEMMs
-  through it (`triton_experts.BWD_GEMMS`; benchmarks/results/moe.md has the timings).
+  of x, and our fixed tiles keep the forward batch invariant); by default the backward's
+  weight gradients run through it on sm90 (`triton_experts.BWD_GEMMS`;
+  benchmarks/results/moe.md has the timings).
   No float atomics anywhere: every output element is written by one program, weight
   gradients are per-expert GEMMs over that expert's rows, and the per-token sums run in a
   fixed order -- so results are bitwise reproducible.

@@ -38,6 +38,7 @@ CONFIGS = {
     "dx": (128, 256, 64, 8, 4),          # dgu @ Wgu -> dxs[slot]
     "wgrad": (128, 128, 64, 8, 3),       # per-expert A^T @ B over the expert's rows
     "combine": (16, 256, 0, 4, 1),       # (tokens, hidden) tile of the per-token sum
+    "gather_rows": (8, 1024, 0, 4, 1),   # (rows, columns) tile of the sorted-row copy
 }
 LAUNCHED = {}   # the last compiled kernel of each launcher (register / spill counts)
 
@@ -50,15 +51,18 @@ DOWN_BWD_FUSED = False
 # Which backward GEMMs run through torch._grouped_mm (CUTLASS grouped GEMM on sm90, bf16;
 # elsewhere these paths fall back to "triton"; on CPU torch's per-group loop, for tests):
 #   "triton"     all Triton (rows gathered in the loads, no sorted copies);
-#   "gmm_dw"     both weight gradients (dW_e = A_e^T B_e with offs over the rows); the
-#                down-backward GEMM writes the x and dy rows it gathers in expert order;
+#   "gmm_dw"     both weight gradients (dW_e = A_e^T B_e with offs over the rows), on the
+#                x and dy rows copied in expert order by a gather kernel (gather_rows);
 #   "gmm_dw_dx"  as gmm_dw, and dx too (sorted output, combined through the inverse perm.);
-#   "gmm_all"    x and dy rows gathered by index_select, then G, dx and both dW grouped_mm.
+#   "gmm_all"    as gmm_dw_dx, and G = dy_sorted Wd too.
 # Deterministic either way: CUTLASS's grouped kernel gives every output tile to one CTA
-# with the whole K loop (no split-K, no atomics). benchmarks/results/moe.md has the timings.
-BWD_GEMMS = "triton"
-# Expert plan: "torch" (torch.sort + small ops) or "triton" (counting sort, triton_plan.py).
-PLAN = "torch"
+# with the whole K loop (no split-K, no atomics). benchmarks/results/moe.md has the timings:
+# gmm_dw is the fastest block on an H100 (the weight gradients 1.89 ms vs 2.63 in Triton,
+# for 0.66 ms of row copies).
+BWD_GEMMS = "gmm_dw"
+# Expert plan: "torch" (torch.sort + small ops) or "triton" (counting sort, triton_plan.py:
+# 0.18 vs 0.48 ms at Ring-mini shapes, the same permutation bitwise).
+PLAN = "triton"
 
 
 @dataclass
@@ -172,39 +176,6 @@ def _mainloop(a_ptr, a_rows, rmask, stride_a, b_ptr, cols, cmask, stride_bk, str
 
 
 @triton.jit
-def _mainloop_copy(a_ptr, a_rows, rmask, stride_a, b_ptr, cols, cmask, stride_bk, stride_bn, K,
-                   rows, ac_ptr, x_ptr, xc_ptr, copy_a, copy_x,
-                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                   EVEN_K: tl.constexpr, PREC: tl.constexpr):
-    """_mainloop, and on the way: the A rows it loads where copy_a [BLOCK_M] is set are also
-    written to ac[rows] (sorted order); where copy_x is set, x[a_rows] (x has width K) is
-    copied to xc[rows]."""
-    rk = tl.arange(0, BLOCK_K)
-    a_ptrs = a_ptr + a_rows[:, None] * stride_a + rk[None, :]
-    x_ptrs = x_ptr + a_rows[:, None] * K + rk[None, :]
-    out_off = rows.to(tl.int64)[:, None] * K + rk[None, :]
-    b_ptrs = b_ptr + rk[:, None] * stride_bk + cols[None, :] * stride_bn
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        if EVEN_K:
-            am = rmask[:, None]
-            b = tl.load(b_ptrs, mask=cmask[None, :], other=0.0)
-        else:
-            km = rk < K - k0
-            am = rmask[:, None] & km[None, :]
-            b = tl.load(b_ptrs, mask=km[:, None] & cmask[None, :], other=0.0)
-        a = tl.load(a_ptrs, mask=am, other=0.0)
-        tl.store(ac_ptr + out_off + k0, a, mask=am & copy_a[:, None])
-        xv = tl.load(x_ptrs, mask=am & copy_x[:, None], other=0.0)
-        tl.store(xc_ptr + out_off + k0, xv, mask=am & copy_x[:, None])
-        acc = tl.dot(a, b, acc, input_precision=PREC)
-        a_ptrs += BLOCK_K
-        x_ptrs += BLOCK_K
-        b_ptrs += BLOCK_K * stride_bk
-    return acc
-
-
-@triton.jit
 def _gate_up_kernel(x_ptr, w_ptr, gu_ptr, h_ptr, tok_ptr, tile_e_ptr, tile_row_ptr, offs_ptr,
                     H, I, E, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                     BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, PREC: tl.constexpr):
@@ -249,15 +220,12 @@ def _gate_up_kernel(x_ptr, w_ptr, gu_ptr, h_ptr, tok_ptr, tile_e_ptr, tile_row_p
 
 @triton.jit
 def _row_gemm_kernel(a_ptr, b_ptr, c_ptr, tok_ptr, slot_ptr, tile_e_ptr, tile_row_ptr, offs_ptr,
-                     ac_ptr, x_ptr, xc_ptr,
                      N, K, E, n_rows, stride_a, stride_be, stride_bk, stride_bn,
-                     GATHER_A: tl.constexpr, SCATTER_C: tl.constexpr, COPY: tl.constexpr,
+                     GATHER_A: tl.constexpr, SCATTER_C: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                      EVEN_K: tl.constexpr, PREC: tl.constexpr):
     """C[rows] = A[rows] @ B_e, rows of expert e. A row r is read at tok[r] (GATHER_A) or r;
-    C row r is written at slot[r] (SCATTER_C, slot order) or r (sorted order).
-    COPY (with GATHER_A): the first column block's programs also write the A rows they load
-    to ac in sorted order, the last column block's copy x[tok] to xc (x [*, K])."""
+    C row r is written at slot[r] (SCATTER_C, slot order) or r (sorted order)."""
     num_n = (N + BLOCK_N - 1) // BLOCK_N
     pid_m = tl.program_id(0) // num_n
     pid_n = tl.program_id(0) % num_n
@@ -271,20 +239,8 @@ def _row_gemm_kernel(a_ptr, b_ptr, c_ptr, tok_ptr, slot_ptr, tile_e_ptr, tile_ro
     else:
         a_rows = tl.minimum(rows, n_rows - 1).to(tl.int64)   # in bounds; masked rows unused
     b_e = b_ptr + e.to(tl.int64) * stride_be
-    if COPY:
-        # row vectors, not scalars: the interpreter mis-types (bool tensor & bool scalar)
-        copy_a = rmask & (rows * 0 + pid_n == 0)
-        copy_x = rmask & (rows * 0 + pid_n == num_n - 1)
-        if (pid_n == 0) | (pid_n == num_n - 1):
-            acc = _mainloop_copy(a_ptr, a_rows, rmask, stride_a, b_e, cols, cmask, stride_bk,
-                                 stride_bn, K, rows, ac_ptr, x_ptr, xc_ptr, copy_a, copy_x,
-                                 BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, PREC)
-        else:
-            acc = _mainloop(a_ptr, a_rows, rmask, stride_a, b_e, cols, cmask, stride_bk,
-                            stride_bn, K, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, PREC)
-    else:
-        acc = _mainloop(a_ptr, a_rows, rmask, stride_a, b_e, cols, cmask, stride_bk, stride_bn,
-                        K, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, PREC)
+    acc = _mainloop(a_ptr, a_rows, rmask, stride_a, b_e, cols, cmask, stride_bk, stride_bn,
+                    K, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, PREC)
     if SCATTER_C:
         c_rows = tl.load(slot_ptr + rows, mask=rmask, other=0).to(tl.int64)
     else:
@@ -340,12 +296,9 @@ def gate_up(x, w_gate_up, plan: ExpertPlan, cfg=None):
     return gu, h
 
 
-def row_gemm(a, w, plan: ExpertPlan, transpose_w: bool, cfg, gather_a=False, scatter_c=True,
-             copies=None):
+def row_gemm(a, w, plan: ExpertPlan, transpose_w: bool, cfg, gather_a=False, scatter_c=True):
     """c [N, n]: c[r] = a[r] @ (w_e^T if transpose_w else w_e) for the rows r of expert e;
-    a's row r is a[tok[r]] when gather_a; c is in slot order when scatter_c, else sorted.
-    copies = (x, a_sorted, x_sorted) with gather_a: also writes a[tok] and x[tok] (x has a's
-    width) to a_sorted and x_sorted [N, K] in sorted order (the loads are shared)."""
+    a's row r is a[tok[r]] when gather_a; c is in slot order when scatter_c, else sorted."""
     bm, bn, bk, warps, stages = cfg
     stages = fit_stages(bm, bn, bk, stages, a.dtype)
     e = w.shape[0]
@@ -355,16 +308,10 @@ def row_gemm(a, w, plan: ExpertPlan, transpose_w: bool, cfg, gather_a=False, sca
     c = torch.empty(plan.num_rows, n, device=a.device, dtype=a.dtype)
     te, tr = plan.tiles(bm)
     grid = (te.numel() * triton.cdiv(n, bn),)
-    if copies is not None:
-        if not gather_a or a.stride(0) != k or copies[0].stride(0) != k:
-            raise ValueError("row_gemm copies: need gather_a and contiguous a, x of width K")
-        x, ac, xc = copies
-    else:
-        x = ac = xc = a
     LAUNCHED["row_gemm"] = _row_gemm_kernel[grid](
-        a, w, c, plan.tokens, plan.slots, te, tr, plan.offsets, ac, x, xc, n, k, e,
+        a, w, c, plan.tokens, plan.slots, te, tr, plan.offsets, n, k, e,
         plan.num_rows, a.stride(0), w.stride(0), sbk, sbn, GATHER_A=gather_a,
-        SCATTER_C=scatter_c, COPY=copies is not None, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
+        SCATTER_C=scatter_c, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
         EVEN_K=k % bk == 0, PREC=_prec(a), num_warps=warps, num_stages=stages)
     return c
 

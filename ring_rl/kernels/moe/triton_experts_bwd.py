@@ -13,7 +13,8 @@ With triton_experts.BWD_GEMMS != "triton", some GEMMs run through torch._grouped
 on sm90): per expert dWgu_e = dgu_e^T x_e and dWd_e = dy_e^T hw_e in the 2D x 2D form (offs
 over the rows: A = dgu.t() column-major, B row-major -- the one layout whose empty groups
 CUTLASS accepts; they come out as zeros on sm90), G and dx in the 2D x 3D form. These need x
-and dy rows in expert order: copied by the G GEMM as it loads them, or by index_select.
+and dy rows in expert order, which `gather_rows` copies at HBM speed (a copy written by the G
+GEMM as it loads the rows cost more: the stores stall its pipelined loads, 0.54 -> 1.24 ms).
 A deterministic split-K of the Triton dW kernel is not offered: its 49K output tiles already
 fill the GPU, and fp32 partials would cost 3.2 GB of writes per split.
 """
@@ -152,6 +153,32 @@ def _swiglu_bwd_kernel(gd_ptr, gu_ptr, wts_ptr, slot_ptr, dgu_ptr, hw_ptr, dw_pt
     tl.store(hw_ptr + r64 * I + cols[None, :], (w * h).to(dt), mask=mask)
 
 
+@triton.jit
+def _gather_rows_kernel(src_ptr, idx_ptr, dst_ptr, n_rows, W, BLOCK_R: tl.constexpr,
+                        BLOCK_W: tl.constexpr):
+    """dst[r] = src[idx[r]] (rows of width W, contiguous)."""
+    r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    rmask = r < n_rows
+    src = tl.load(idx_ptr + r, mask=rmask, other=0).to(tl.int64)
+    r64 = r.to(tl.int64)
+    for c0 in range(0, W, BLOCK_W):
+        c = c0 + tl.arange(0, BLOCK_W)
+        m = rmask[:, None] & (c < W)[None, :]
+        v = tl.load(src_ptr + src[:, None] * W + c[None, :], mask=m)
+        tl.store(dst_ptr + r64[:, None] * W + c[None, :], v, mask=m)
+
+
+def gather_rows(src: torch.Tensor, plan: ExpertPlan) -> torch.Tensor:
+    """src[tok] [N, W]: the token rows of src [T, W] in expert (sorted-row) order."""
+    src = src.contiguous()
+    out = torch.empty(plan.num_rows, src.shape[1], device=src.device, dtype=src.dtype)
+    br, bw, _, warps, _ = CONFIGS["gather_rows"]
+    _gather_rows_kernel[(triton.cdiv(plan.num_rows, br),)](
+        src, plan.tokens, out, plan.num_rows, src.shape[1], BLOCK_R=br,
+        BLOCK_W=min(bw, triton.next_power_of_2(src.shape[1])), num_warps=warps)
+    return out
+
+
 def swiglu_bwd(gd, gu, wts, plan: ExpertPlan):
     """(dgu [N, 2I], hw [N, I], dweights [T*k] fp32) from G [N, I] (the unfused path)."""
     n, inter = plan.num_rows, gu.shape[1] // 2
@@ -165,25 +192,16 @@ def swiglu_bwd(gd, gu, wts, plan: ExpertPlan):
     return dgu, hw, dwts
 
 
-def down_bwd(dy, w_down, gu, wts, plan: ExpertPlan, fused=None, cfg=None, x=None):
+def down_bwd(dy, w_down, gu, wts, plan: ExpertPlan, fused=None, cfg=None):
     """(dgu [N, 2I], hw [N, I], dweights [T*k] fp32): the down projection's backward and
-    the SwiGLU backward (see the module doc). With x: also (x_sorted, dy_sorted) [N, H],
-    the rows in expert order (written by the G GEMM as it loads them)."""
+    the SwiGLU backward (see the module doc)."""
     fused = fx.DOWN_BWD_FUSED if fused is None else fused
     n, inter = plan.num_rows, gu.shape[1] // 2
     hid = dy.shape[1]
-    sorted_rows = ()
     if not fused:
-        copies = None
-        if x is not None:
-            xs = torch.empty(n, hid, device=x.device, dtype=x.dtype)
-            dys = torch.empty(n, hid, device=dy.device, dtype=dy.dtype)
-            copies, sorted_rows = (x, dys, xs), (xs, dys)
         gd = row_gemm(dy, w_down, plan, transpose_w=False, cfg=cfg or CONFIGS["down_bwd"],
-                      gather_a=True, scatter_c=False, copies=copies)
-        return swiglu_bwd(gd, gu, wts, plan) + sorted_rows
-    if x is not None:
-        sorted_rows = (x.index_select(0, plan.tokens), dy.index_select(0, plan.tokens))
+                      gather_a=True, scatter_c=False)
+        return swiglu_bwd(gd, gu, wts, plan)
     dgu = torch.empty_like(gu)
     hw = torch.empty(n, inter, device=gu.device, dtype=gu.dtype)
     bm, bn, bk, warps, stages = cfg or CONFIGS["down_bwd"]
@@ -198,7 +216,7 @@ def down_bwd(dy, w_down, gu, wts, plan: ExpertPlan, fused=None, cfg=None, x=None
     dwts = dwp[0]
     for i in range(1, nb):            # fixed order over the column blocks
         dwts = dwts + dwp[i]
-    return (dgu, hw, dwts) + sorted_rows
+    return dgu, hw, dwts
 
 
 def grouped_mm_ok(x: torch.Tensor, *widths: int) -> bool:
@@ -228,15 +246,13 @@ def experts_bwd(dy, x, wts, w_gate_up, w_down, gu, plan: ExpertPlan, needs):
                          f"gmm_dw_dx or gmm_all")
     if mode != "triton" and not grouped_mm_ok(x, x.shape[1], gu.shape[1] // 2):
         mode = "triton"
-    need_dw = needs[3] or needs[4]
     xs = dys = None
+    if mode != "triton":
+        xs = gather_rows(x, plan) if needs[3] else None
+        dys = gather_rows(dy, plan) if needs[4] or mode == "gmm_all" else None
     if mode == "gmm_all":
-        dys = dy.index_select(0, plan.tokens)
-        xs = x.index_select(0, plan.tokens) if needs[3] else None
         gd = torch._grouped_mm(dys, w_down, offs=plan.ends)          # G [N, I], sorted
         dgu, hw, dwts = swiglu_bwd(gd, gu, wts, plan)
-    elif mode != "triton" and need_dw:
-        dgu, hw, dwts, xs, dys = down_bwd(dy, w_down, gu, wts, plan, x=x)
     else:
         dgu, hw, dwts = down_bwd(dy, w_down, gu, wts, plan)
     dx = dwgu = dwd = None
