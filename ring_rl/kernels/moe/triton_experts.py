@@ -34,7 +34,7 @@ CONFIGS = {
     "gate_up": (128, 128, 64, 8, 3),     # x[tok] @ Wgu^T, two accumulators (gate, up)
     "down": (128, 256, 64, 8, 3),        # h @ Wd^T -> o[slot]
     "down_bwd": (128, 256, 64, 8, 4),    # dy[tok] @ Wd (+ SwiGLU backward when fused)
-    "swiglu_bwd": (16, 0, 0, 8, 1),      # rows per program of the unfused SwiGLU backward
+    "swiglu_bwd": (8, 0, 0, 8, 1),       # rows per program of the unfused SwiGLU backward
     "dx": (128, 256, 64, 8, 4),          # dgu @ Wgu -> dxs[slot]
     "wgrad": (128, 128, 64, 8, 3),       # per-expert A^T @ B over the expert's rows
     "combine": (16, 256, 0, 4, 1),       # (tokens, hidden) tile of the per-token sum
