@@ -196,7 +196,7 @@ def _shared_lightning(ops: ModelOps, q, k, v, decay, scale: float, sp: SharedPre
     if q.shape[0] == n:
         return o[0]
     o_suf, _ = ops.lightning_attn(q[None, n:], k[None, n:], v[None, n:].contiguous(), decay, scale=scale,
-                                  initial_state=final[sp.parent], cu_seqlens=sp.suffix_cu)
+                                  initial_state=final, initial_state_index=sp.parent, cu_seqlens=sp.suffix_cu)
     return torch.cat([o[0], o_suf[0]])
 
 

@@ -133,6 +133,40 @@ def test_reference_forms_agree(form, with_h0, layout, decay):
                         grads=form is chunk_lightning_attn_ref)
 
 
+@pytest.mark.parametrize("mode", ["auto", "reference", "triton"])
+def test_shared_initial_states(monkeypatch, mode):
+    """initial_state_index: 6 packed sequences (lengths 1..9) start from 3 shared states
+    (groups of 1, 2 and 3 sequences, unordered). Same o, final states and gradients as
+    starting from the gathered copies, the states' gradient summed over their sharers. auto:
+    the CPU batched path (one GEMM per state); reference and triton (interpreter): gathered."""
+    monkeypatch.setenv("RING_RL_KERNELS", mode)
+    if mode == "triton" and not torch.cuda.is_available():
+        for key, value in dict(sub=32, r=2, segs=2, state_sb=32).items():
+            monkeypatch.setitem(triton_chunk.CONFIG, key, value)
+    gen = torch.Generator().manual_seed(3)
+    H, K, V = 2, 16, 32
+    lengths = torch.tensor([0, 3, 1, 9, 4, 2, 7])
+    cu = lengths.cumsum(0).to(torch.int32)
+    T = int(lengths.sum())
+    index = torch.tensor([2, 0, 2, 1, 2, 1])
+    q, k, v, do = (torch.randn(1, T, H, d, generator=gen) for d in (K, K, V, V))
+    states = torch.randn(3, H, K, V, generator=gen)
+    dht = torch.randn(6, H, K, V, generator=gen)
+    g = schedule_decay(H, 3).float()
+
+    def run_with(shared: bool):
+        leaves = [x.clone().requires_grad_() for x in (q, k, v, states)]
+        h0 = leaves[3] if shared else leaves[3][index]
+        o, ht = lightning_attn(*leaves[:3], g, None, h0, True, cu,
+                               initial_state_index=index if shared else None)
+        ((o * do).sum() + (ht * dht).sum()).backward()
+        return [o, ht] + [x.grad for x in leaves]
+
+    names = ("o", "final_state", "dq", "dk", "dv", "dstates")
+    for name, got, want in zip(names, run_with(True), run_with(False)):
+        assert_close(got, want, TOL[torch.float32], name)
+
+
 @pytest.mark.parametrize("decay", sorted(DECAYS))
 @pytest.mark.parametrize("layout", ["batch", "packed"])
 @pytest.mark.parametrize("with_h0", [True, False], ids=["h0", "no-h0"])

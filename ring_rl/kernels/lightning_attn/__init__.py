@@ -1,7 +1,8 @@
 """Lightning attention (linear attention with a fixed per-head decay), Ring-linear's mixer.
 
     o, final_state = lightning_attn(q, k, v, log_decay, scale=None, initial_state=None,
-                                    output_final_state=False, cu_seqlens=None)
+                                    output_final_state=False, cu_seqlens=None,
+                                    initial_state_index=None)
     o = lightning_attn_decode(q, k, v, log_decay, state, state_indices=None, scale=None)
 
 The maths is defined in `reference.py`. Dispatch (see `ring_rl.kernels.dispatch`): Triton on
@@ -68,21 +69,28 @@ class LightningAttnFunction(torch.autograd.Function):
 
 
 def lightning_attn(q, k, v, log_decay, scale=None, initial_state=None,
-                   output_final_state=False, cu_seqlens=None):
+                   output_final_state=False, cu_seqlens=None, initial_state_index=None):
     """Chunked lightning attention over whole sequences (prefill and training).
 
     q, k [B, T, H, K]; v [B, T, H, V]; log_decay [H] fp32, <= 0; initial_state
     [N, H, K, V] fp32 or None. With cu_seqlens (int [N+1] offsets) B is 1 and T packs N
-    sequences. Returns o [B, T, H, V] in v's dtype and the final states [N, H, K, V] fp32
-    (None unless output_final_state).
+    sequences. initial_state_index (long [N]): sequence i starts from
+    initial_state[initial_state_index[i]] instead (states shared by several sequences, e.g.
+    a GRPO group's responses continuing their prompt; the gradient sums over the sharers).
+    Returns o [B, T, H, V] in v's dtype and the final states [N, H, K, V] fp32 (None unless
+    output_final_state).
     """
-    _check(q, k, v, log_decay, initial_state, cu_seqlens)
+    batched = (not use_triton(q, k, v) and kernel_mode() == "auto"
+               and _longest(q, cu_seqlens) <= MAX_LEN)
+    if initial_state_index is not None and not batched:
+        initial_state, initial_state_index = initial_state[initial_state_index], None
+    _check(q, k, v, log_decay, None if initial_state_index is not None else initial_state, cu_seqlens)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     if not use_triton(q, k, v):
-        if kernel_mode() == "auto" and _longest(q, cu_seqlens) <= MAX_LEN:
+        if batched:
             # CPU, many short sequences: the batched torch form (same maths, no Python loop).
             return lightning_attn_batched(q, k, v, log_decay, scale, initial_state,
-                                          output_final_state, cu_seqlens)
+                                          output_final_state, cu_seqlens, initial_state_index)
         return chunk_lightning_attn_ref(q, k, v, log_decay, scale, initial_state,
                                         output_final_state, cu_seqlens)
     return LightningAttnFunction.apply(q, k, v, log_decay, scale, initial_state,

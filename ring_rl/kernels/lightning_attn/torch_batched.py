@@ -14,7 +14,8 @@ from ring_rl.kernels.packing import pad_packed, token_coords
 MAX_LEN = 256  # the quadratic form costs T^2 per head: longer sequences take the chunked path
 
 
-def lightning_attn_batched(q, k, v, log_decay, scale, initial_state, output_final_state, cu_seqlens):
+def lightning_attn_batched(q, k, v, log_decay, scale, initial_state, output_final_state, cu_seqlens,
+                           initial_state_index=None):
     """Same contract as `lightning_attn` (q/k [B, T, H, K], v [B, T, H, V], or B = 1 packed
     with cu_seqlens); returns (o in v's dtype, final state fp32 or None)."""
     out_dtype = v.dtype
@@ -39,7 +40,11 @@ def lightning_attn_batched(q, k, v, log_decay, scale, initial_state, output_fina
     h0 = initial_state.float() if initial_state is not None else None
     if h0 is not None:
         carry = torch.exp(g[None, :] * (t[:, None] + 1))               # λ^(t+1), [T, H]
-        o = o + torch.einsum("bthk,bhkv->bthv", qp, h0) * carry[None, :, :, None]
+        if initial_state_index is None:
+            o = o + torch.einsum("bthk,bhkv->bthv", qp, h0) * carry[None, :, :, None]
+        else:
+            o = o + _from_shared_states(qp, h0, initial_state_index.to(q.device)) * carry[None, :, :, None]
+            h0 = h0[initial_state_index] if output_final_state else None  # S0 per sequence
     o = o * scale
     final = None
     if output_final_state:
@@ -52,4 +57,19 @@ def lightning_attn_batched(q, k, v, log_decay, scale, initial_state, output_fina
     if seq is not None:
         o = o[seq, pos][None]
     return o.to(out_dtype), final
+
+
+def _from_shared_states(qp: torch.Tensor, states: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """qp [B, T, H, K] times states[index] [B, H, K, V] without copying a state per
+    sequence: the sequences sharing a state are stacked as the rows of one GEMM (a GRPO
+    group's responses against their prompt's state), and the state's gradient is that GEMM's,
+    not a scatter-add of B copies."""
+    b, u = index.numel(), states.shape[0]
+    counts = torch.bincount(index, minlength=u)
+    order = torch.sort(index, stable=True).indices
+    rank = torch.empty_like(order)
+    rank[order] = torch.arange(b, device=index.device) - (torch.cumsum(counts, 0) - counts)[index[order]]
+    grouped = qp.new_zeros((u, int(counts.max()), *qp.shape[1:]))   # [U, G, T, H, K]
+    grouped = grouped.index_put((index, rank), qp)
+    return torch.einsum("ugthk,uhkv->ugthv", grouped, states)[index, rank]
 
