@@ -120,42 +120,44 @@ def pack_shared(prompts: list[torch.Tensor], responses: list[torch.Tensor], devi
     pstart = [0, *itertools.accumulate(plens)][:-1]  # each prompt's first row
     row = sum(plens)
     ids = [prompts[i].long() for i in uniq]
-    seqlens, rows, targets, counts, token_rows, source, suffix_lens, parent = [], [], [], [], [], [], [], []
+    # Row lists as Python ints (one tensor each at the end: per-sequence torch ops cost more
+    # than the maths for a batch of hundreds of short sequences).
+    seqlens, rows, counts, token_rows, suffix_lens, parent = [], [], [], [], [], []
     orig = 0  # offset of sequence i's inputs in plain packed order
-    orig_start = []
+    orig_start, suffix_source = [], []   # inputs' positions in plain packed order
     for i, (p, r) in enumerate(zip(prompts, responses)):
         u, plen, rlen = parent_of[i], p.numel(), r.numel()
         orig_start.append(orig)
-        prompt_rows = torch.arange(pstart[u], pstart[u] + plen)
-        own_rows = torch.arange(row, row + rlen - 1)
         if rlen > 1:
             ids.append(r[:-1].long())
             suffix_lens.append(rlen - 1)
             parent.append(u)
-            source.append(orig + plen + torch.arange(rlen - 1))
-        rows.append(torch.cat([prompt_rows[-1:], own_rows]))
-        targets.append(r.long())
+            suffix_source.extend(range(orig + plen, orig + plen + rlen - 1))
+        rows.append(pstart[u] + plen - 1)              # the prompt's last row predicts r[0]
+        rows.extend(range(row, row + rlen - 1))
         counts.append(rlen)
-        token_rows.append(torch.cat([prompt_rows, own_rows]))
+        token_rows.extend(range(pstart[u], pstart[u] + plen))
+        token_rows.extend(range(row, row + rlen - 1))
         seqlens.append(plen + rlen - 1)
         row += rlen - 1
         orig += plen + rlen - 1
-    source = [orig_start[i] + torch.arange(plens[u]) for u, i in enumerate(uniq)] + source
+    source = [orig_start[i] + j for u, i in enumerate(uniq) for j in range(plens[u])] + suffix_source
+    targets = torch.cat([r.long() for r in responses])
     replay_ids = None
     if replay is not None:
-        stacked = _stack_replay(replay, seqlens, moe_layers)[:, torch.cat(source)].to(device)
+        stacked = _stack_replay(replay, seqlens, moe_layers)[:, torch.tensor(source)].to(device)
         replay_ids = {layer: stacked[j] for j, layer in enumerate(moe_layers)}
     batch = SeqBatch.build_shared(torch.tensor(plens, device=device), torch.tensor(suffix_lens, dtype=torch.long,
                                   device=device), torch.tensor(parent, dtype=torch.long, device=device))
     return PackedBatch(
         input_ids=torch.cat(ids).to(device=device),
         seqlens=torch.tensor(seqlens, dtype=torch.long, device=device),
-        rows=torch.cat(rows).to(device),
-        targets=torch.cat(targets).to(device),
+        rows=torch.tensor(rows, dtype=torch.long, device=device),
+        targets=targets.to(device),
         num_targets=counts,
         replay_ids=replay_ids,
         batch=batch,
-        token_rows=torch.cat(token_rows).to(device),
+        token_rows=torch.tensor(token_rows, dtype=torch.long, device=device),
     )
 
 
