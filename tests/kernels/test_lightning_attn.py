@@ -138,21 +138,23 @@ def test_shared_initial_states(monkeypatch, mode):
     """initial_state_index: 6 packed sequences (lengths 1..9) start from 3 shared states
     (groups of 1, 2 and 3 sequences, unordered). Same o, final states and gradients as
     starting from the gathered copies, the states' gradient summed over their sharers. auto:
-    the CPU batched path (one GEMM per state); reference and triton (interpreter): gathered."""
+    the CPU batched path (one GEMM per state); reference and triton (the interpreter on CPU,
+    the GPU kernels where there is one): gathered."""
     monkeypatch.setenv("RING_RL_KERNELS", mode)
-    if mode == "triton" and not torch.cuda.is_available():
+    device = "cuda" if mode == "triton" and torch.cuda.is_available() else "cpu"
+    if mode == "triton" and device == "cpu":
         for key, value in dict(sub=32, r=2, segs=2, state_sb=32).items():
             monkeypatch.setitem(triton_chunk.CONFIG, key, value)
     gen = torch.Generator().manual_seed(3)
     H, K, V = 2, 16, 32
     lengths = torch.tensor([0, 3, 1, 9, 4, 2, 7])
-    cu = lengths.cumsum(0).to(torch.int32)
+    cu = lengths.cumsum(0).to(torch.int32).to(device)
     T = int(lengths.sum())
-    index = torch.tensor([2, 0, 2, 1, 2, 1])
-    q, k, v, do = (torch.randn(1, T, H, d, generator=gen) for d in (K, K, V, V))
-    states = torch.randn(3, H, K, V, generator=gen)
-    dht = torch.randn(6, H, K, V, generator=gen)
-    g = schedule_decay(H, 3).float()
+    index = torch.tensor([2, 0, 2, 1, 2, 1], device=device)
+    q, k, v, do = (torch.randn(1, T, H, d, generator=gen).to(device) for d in (K, K, V, V))
+    states = torch.randn(3, H, K, V, generator=gen).to(device)
+    dht = torch.randn(6, H, K, V, generator=gen).to(device)
+    g = schedule_decay(H, 3).float().to(device)
 
     def run_with(shared: bool):
         leaves = [x.clone().requires_grad_() for x in (q, k, v, states)]
