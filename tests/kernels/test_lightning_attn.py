@@ -143,7 +143,7 @@ def test_shared_initial_states(monkeypatch, mode):
     monkeypatch.setenv("RING_RL_KERNELS", mode)
     device = "cuda" if mode == "triton" and torch.cuda.is_available() else "cpu"
     if mode == "triton" and device == "cpu":
-        for key, value in dict(sub=32, r=2, segs=2, state_sb=32).items():
+        for key, value in {"sub": 32, "r": 2, "segs": 2, "state_sb": 32}.items():
             monkeypatch.setitem(triton_chunk.CONFIG, key, value)
     gen = torch.Generator().manual_seed(3)
     H, K, V = 2, 16, 32
@@ -167,6 +167,10 @@ def test_shared_initial_states(monkeypatch, mode):
     names = ("o", "final_state", "dq", "dk", "dv", "dstates")
     for name, got, want in zip(names, run_with(True), run_with(False)):
         assert_close(got, want, TOL[torch.float32], name)
+    with pytest.raises(ValueError, match="initial_state_index"):
+        lightning_attn(q, k, v, g, None, states, False, cu, initial_state_index=index[:5])
+    with pytest.raises(ValueError, match="initial_state_index"):
+        lightning_attn(q, k, v, g, None, states[..., :8], False, cu, initial_state_index=index)
 
 
 @pytest.mark.parametrize("decay", sorted(DECAYS))

@@ -80,11 +80,18 @@ def lightning_attn(q, k, v, log_decay, scale=None, initial_state=None,
     Returns o [B, T, H, V] in v's dtype and the final states [N, H, K, V] fp32 (None unless
     output_final_state).
     """
+    n = _check(q, k, v, log_decay, None if initial_state_index is not None else initial_state, cu_seqlens)
+    if initial_state_index is not None:
+        per_seq = (q.shape[2], q.shape[3], v.shape[3])
+        if (initial_state is None or initial_state.dim() != 4 or tuple(initial_state.shape[1:]) != per_seq
+                or initial_state_index.shape != (n,)):
+            raise ValueError(f"lightning_attn: initial_state_index [N]={n} needs initial_state [U, H, K, V] "
+                             f"with (H, K, V)={per_seq}; got index {tuple(initial_state_index.shape)}, state "
+                             f"{None if initial_state is None else tuple(initial_state.shape)}")
     batched = (not use_triton(q, k, v) and kernel_mode() == "auto"
                and _longest(q, cu_seqlens) <= MAX_LEN)
-    if initial_state_index is not None and not batched:
+    if initial_state_index is not None and not batched:   # the other paths take one state per sequence
         initial_state, initial_state_index = initial_state[initial_state_index], None
-    _check(q, k, v, log_decay, None if initial_state_index is not None else initial_state, cu_seqlens)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     if not use_triton(q, k, v):
         if batched:

@@ -72,4 +72,3 @@ def _from_shared_states(qp: torch.Tensor, states: torch.Tensor, index: torch.Ten
     grouped = qp.new_zeros((u, int(counts.max()), *qp.shape[1:]))   # [U, G, T, H, K]
     grouped = grouped.index_put((index, rank), qp)
     return torch.einsum("ugthk,uhkv->ugthv", grouped, states)[index, rank]
-

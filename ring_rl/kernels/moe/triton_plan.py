@@ -2,7 +2,7 @@
 per-tile schedule of the grouped GEMMs (`triton_experts.PLAN = "triton"`).
 
 They replace torch.sort(stable=True) (a radix sort of 64-bit keys) and the ~20 small torch
-ops of the plan with 4 launches, and give the same permutation bitwise: integers only.
+ops of the plan with 5 launches, and give the same permutation bitwise: integers only.
 
     counts[b, e] = number of slots of block b (BLOCK slots) routed to expert e   (_count)
     csum         = counts.cumsum(0)      (_column_cumsum: torch's outer-dim scan over the
