@@ -5,7 +5,7 @@ positions in that order, expert e owning rows offsets[e]:offsets[e+1]. A row-GEM
 owns one tile of BLOCK_M rows of a single expert (a per-tile schedule: tile -> expert, first
 row; no padding copies) and one BLOCK_N column block. Rows read the token activations through
 the token index (gather in the load) and write slot-ordered outputs through the slot index
-(scatter in the store), so no permuted copy of x or of the outputs is ever made.
+(scatter in the store), so these kernels never make a permuted copy of x or of the outputs.
 
 Forward:  gu, h = gate_up(x[tok]) (+ SwiGLU epilogue)  -> o[slot] = h @ Wd^T -> y = combine(o, w)
 Backward (triton_experts_bwd.py): G = dy[tok] @ Wd, then the SwiGLU backward (dgu, hw = w*h
@@ -15,7 +15,8 @@ Saved for the backward: x, the weights and gu [T*k, 2I] (h is recomputed from gu
 Determinism: every output element is written by exactly one program, weight gradients loop
 over the expert's rows in order (no split-K), per-token sums run j = 0..k-1: no atomics.
 The backward's GEMMs can also run through torch._grouped_mm (BWD_GEMMS, see
-triton_experts_bwd.py); the forward always runs these kernels (batch invariance: fixed tiles).
+triton_experts_bwd.py), on x and dy rows copied in expert order; by default the weight
+gradients do. The forward always runs these kernels (batch invariance: fixed tiles).
 """
 from __future__ import annotations
 
