@@ -54,6 +54,7 @@ def test_leading_dims_and_refusals(triton_mode):
 
 
 @gpu
+@pytest.mark.gpu
 @pytest.mark.parametrize("dtype,tol", [(torch.bfloat16, 2 ** -7), (torch.float32, 1e-5)])
 def test_gpu_matches_reference_and_is_batch_invariant(dtype, tol):
     x, w = rnd(4096, 2048, dtype=dtype, device="cuda"), rnd(3072, 2048, dtype=dtype, device="cuda", seed=1)

@@ -75,6 +75,7 @@ def test_batch_invariant_ops_compute_the_default_maths_on_cpu():
 
 
 @gpu
+@pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_gpu_logprobs_do_not_depend_on_the_batch(dtype):
     """Sampled in one batch; scored in one batch, one by one, and in uneven groups in another
