@@ -44,11 +44,14 @@ def save_token_arrays(run_dir: str | os.PathLike, step: int, rollout_lp: list[to
                       trainer_lp: list[torch.Tensor], keep_steps: int = 4, max_tokens: int = 500_000) -> Path:
     """Add this step's per-token Δ and ratios to align_tokens.npz, keeping the last `keep_steps`
     steps. Rows of steps >= `step` are replaced (a resumed run redoes them)."""
-    deltas = [t.detach().double().cpu() - r.detach().double().cpu() for r, t in zip(rollout_lp, trainer_lp)]
-    new = {"step": np.full(sum(d.numel() for d in deltas), step, np.int32),
-           "seq": np.concatenate([np.full(d.numel(), i, np.int32) for i, d in enumerate(deltas)] or [np.zeros(0, np.int32)]),
-           "position": np.concatenate([np.arange(d.numel(), dtype=np.int32) for d in deltas] or [np.zeros(0, np.int32)]),
-           "delta": torch.cat(deltas).numpy() if deltas else np.zeros(0)}
+    lens = np.array([r.numel() for r in rollout_lp], dtype=np.int64)
+    if [t.numel() for t in trainer_lp] != lens.tolist():
+        raise ValueError("save_token_arrays: rollout and trainer logprobs differ in length")
+    starts = np.cumsum(lens) - lens
+    new = {"step": np.full(int(lens.sum()), step, np.int32),
+           "seq": np.repeat(np.arange(len(lens), dtype=np.int32), lens),
+           "position": (np.arange(int(lens.sum())) - np.repeat(starts, lens)).astype(np.int32),
+           "delta": (_flat64(trainer_lp) - _flat64(rollout_lp)).numpy()}
     if len(new["step"]) > max_tokens:  # a seeded sample: the same step keeps the same tokens
         pick = np.sort(np.random.default_rng(step).choice(len(new["step"]), max_tokens, replace=False))
         new = {k: v[pick] for k, v in new.items()}
@@ -65,6 +68,13 @@ def save_token_arrays(run_dir: str | os.PathLike, step: int, rollout_lp: list[to
         np.savez_compressed(f, **{k: new[k] for k in TOKEN_KEYS})
     os.replace(f"{path}.tmp", path)
     return path
+
+
+def _flat64(xs: list[torch.Tensor]) -> torch.Tensor:
+    """The per-sequence values back to back, fp64 on the CPU (one cat, then one cast)."""
+    if not xs:
+        return torch.zeros(0, dtype=torch.float64)
+    return torch.cat([x.reshape(-1) for x in xs]).detach().cpu().double()
 
 
 def load_token_arrays(run_dir: str | os.PathLike) -> dict[str, np.ndarray] | None:
@@ -84,10 +94,7 @@ def save_worst_tokens(run_dir: str | os.PathLike, step: int, rollout_lp: list[to
                       k: int = 20, keep: int = 200, context_chars: int = 160) -> Path:
     """Record this step's `k` largest-|Δ| tokens with the text before them (`decode` is e.g.
     tokenizer.decode) in align_worst.jsonl, which keeps the run's `keep` largest."""
-    def flat(xs):
-        return torch.cat([x.detach().double().cpu() for x in xs] + [torch.zeros(0, dtype=torch.float64)])
-
-    d = (flat(trainer_lp) - flat(rollout_lp)).abs()
+    d = (_flat64(trainer_lp) - _flat64(rollout_lp)).abs()
     lens = torch.tensor([x.numel() for x in rollout_lp], dtype=torch.long)
     seq = torch.repeat_interleave(torch.arange(len(lens)), lens)  # sequence of each token
     starts = lens.cumsum(0) - lens

@@ -18,9 +18,14 @@ import torch
 from tqdm import tqdm
 
 from ring_rl.alignment_checks.gate import known_metric_names, validate_rules
-from ring_rl.alignment_checks.report import save_token_arrays, save_worst_tokens, write_report
+from ring_rl.alignment_checks.report import (
+    save_token_arrays,
+    save_worst_tokens,
+    write_report,
+)
 from ring_rl.alignment_checks.step import StepCheck
 from ring_rl.config import RunConfig, save_config
+from ring_rl.rl.background import BackgroundWriter
 from ring_rl.rl.data import PromptBatch, PromptStream, load_prompts, tokenize_prompts
 from ring_rl.rl.evaluate import evaluate
 from ring_rl.rl.grpo import group_advantages
@@ -76,7 +81,7 @@ def _train_once(cfg: RunConfig, model_dir: str | Path, tokenizer) -> RunResult:
         truncate_jsonl(run_dir / "samples.jsonl", start_step)
         log.info("resuming from %s (step %d)", resume_from, start_step)
     workers = Workers(cfg, model_dir, trainer_state=resume_from / "trainer" if resume_from else None)
-    stop = StopRequest()
+    stop, writer = StopRequest(), BackgroundWriter()  # the step files, off the trainer's critical path
     try:
         stop.install()  # after ray.init, which installs a SIGTERM handler of its own
         if test_data is not None and acc_before is None:
@@ -95,16 +100,18 @@ def _train_once(cfg: RunConfig, model_dir: str | Path, tokenizer) -> RunResult:
             t0 = time.perf_counter()
             scored = ahead or next_rollout(step)
             overlap = cfg.rollout.max_staleness > 0 and step < cfg.run.steps
-            row, samples, ahead = grpo_step(cfg, scored, workers, tokenizer, run_dir, check,
+            row, samples, ahead = grpo_step(cfg, scored, workers, tokenizer, run_dir, check, writer,
                                             (lambda s=step + 1: next_rollout(s)) if overlap else None)
             row["perf/step_s"] = time.perf_counter() - t0
             row["data/epoch"], row["data/index"] = scored.stream_state["epoch"], scored.stream_state["index"]
-            write_samples(run_dir, step, samples)
+            writer.submit(write_samples, run_dir, step, samples)
             if test_data is not None and (step % cfg.run.eval_every == 0 or step == cfg.run.steps):
                 if workers.version != row.get("weights/version", workers.version):
                     workers.sync_weights()  # overlapped steps leave the rollout one version behind
                 row.update(evaluate(workers, test_data, tokenizer, reward_fn, cfg))
-            metrics.log(step, row)
+            writer.submit(metrics.log, step, row)
+            if "exact/first_difference" in row or row.get("gate/action") == "abort":
+                writer.flush()  # the report reads the files
             if "exact/first_difference" in row:
                 write_report(run_dir)
                 raise ExactModeBroken(f"step {step}: alignment.mode=exact but the trainer's logprobs are not "
@@ -119,18 +126,23 @@ def _train_once(cfg: RunConfig, model_dir: str | Path, tokenizer) -> RunResult:
                 log.info("step %d/%d: reward %.3f, %.1f s", step, cfg.run.steps, row["reward/mean"], row["perf/step_s"])
             if ((cfg.run.checkpoint_every and step % cfg.run.checkpoint_every == 0) or step == cfg.run.steps
                     or stop.requested):
+                writer.flush()  # a resumed run continues after the checkpoint's step: its rows are on disk
                 saved = save_checkpoint(ckpts, workers, step, scored.stream_state, acc_before)
                 if stop.requested and step < cfg.run.steps:
                     raise RunStopped(f"stopped after step {step} of {cfg.run.steps}; checkpoint {saved}; "
                                      "run again with --resume to continue", stop.signum)
         acc_after = row.get("eval/accuracy")
+        writer.flush()
         report = write_report(run_dir)
         log.info("report: %s", report)
         return RunResult(cfg.run.steps, acc_before, acc_after, run_dir)
     finally:
         stop.restore()
-        metrics.close()
-        workers.shutdown()
+        try:
+            writer.close(raise_errors=sys.exc_info()[1] is None)  # an error in flight goes first
+        finally:
+            metrics.close()
+            workers.shutdown()
 
 
 class GateAbort(RuntimeError):
@@ -186,14 +198,14 @@ def generate_and_score(cfg: RunConfig, step: int, stream: PromptStream, workers:
 
 
 def grpo_step(cfg: RunConfig, scored: ScoredRollout, workers: Workers, tokenizer, run_dir: Path,
-              check: StepCheck, produce_next: Callable[[], ScoredRollout] | None = None,
+              check: StepCheck, writer: BackgroundWriter, produce_next: Callable[[], ScoredRollout] | None = None,
               ) -> tuple[dict, list[dict], ScoredRollout | None]:
     """The alignment check and the update of one scored rollout, both in the trainer (one
     call; see TrainerEngine.check_and_train), and the weight sync. With `produce_next`, the
     next step's rollout is made while the trainer works, with the weights from before this
     update (rollout.max_staleness=1): they are asked for ahead of the update in the trainer's
     queue and handed to the rollout actors while it runs. Else the new weights follow it.
-    → (metrics row, samples, the next step's rollout or None)."""
+    The per-token files go to `writer`. → (metrics row, samples, the next step's rollout or None)."""
     t0, rollout = time.perf_counter(), scored.rollout
     batch = TrainBatch(rollout=rollout, rewards=scored.rewards, advantages=scored.advantages)
     before = workers.request_weights() if produce_next is not None else None
@@ -206,9 +218,9 @@ def grpo_step(cfg: RunConfig, scored: ScoredRollout, workers: Workers, tokenizer
     t_ahead = time.perf_counter()
     train_stats, report = workers.trainer_result(pending)
     t_train = time.perf_counter()
-    save_token_arrays(run_dir, scored.step, rollout.logprobs, report.trainer_logprobs)
-    save_worst_tokens(run_dir, scored.step, rollout.logprobs, report.trainer_logprobs, rollout.prompt_ids,
-                      rollout.response_ids, tokenizer.decode)
+    writer.submit(save_token_arrays, run_dir, scored.step, rollout.logprobs, report.trainer_logprobs)
+    writer.submit(save_worst_tokens, run_dir, scored.step, rollout.logprobs, report.trainer_logprobs,
+                  rollout.prompt_ids, rollout.response_ids, tokenizer.decode)
     t_align = time.perf_counter()
     if report.exact_difference is not None:  # no update ran on a broken promise
         return {**report.metrics, "exact/first_difference": report.exact_difference}, [], None
@@ -236,7 +248,7 @@ def grpo_step(cfg: RunConfig, scored: ScoredRollout, workers: Workers, tokenizer
         "perf/reward_s": scored.reward_s,
         "perf/train_s": t_train - t0,       # check + update as the driver waits for them
         "perf/overlap_s": t_ahead - t0,     # of which spent on the next step's rollout (and its weights)
-        "perf/align_s": t_align - t_train,  # the per-token files
+        "perf/align_s": t_align - t_train,  # handing the per-token files to the writer
         "perf/sync_s": sync_s,
         **({"perf/sync_gbytes": workers.sync_bytes / 1e9} if workers.sync_bytes else {}),  # collective sync
     }, samples, ahead
