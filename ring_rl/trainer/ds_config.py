@@ -36,6 +36,9 @@ def build_ds_config(cfg: TrainerConfig, world_size: int = 1) -> dict:
                 "eps": ADAM_EPS,
                 "weight_decay": cfg.weight_decay,  # DeepSpeed's default is 0.01: always pass it
                 "torch_adam": True,  # no compiled DeepSpeed ops (DS_BUILD_OPS=0)
+                # passed on to torch.optim.AdamW: one kernel over all tensors instead of six
+                # passes each (CPU and CUDA; on the tiny CPU model 19 -> 10 ms a step)
+                "fused": True,
             },
         },
         "zero_optimization": zero,

@@ -17,7 +17,6 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
-from torch.nn.utils.rnn import pad_sequence
 
 from ring_rl.config import TrainerConfig
 from ring_rl.model.checkpoint import CheckpointError, load_checkpoint
@@ -275,18 +274,18 @@ class TrainerEngine:
         """Loss of one scored micro-batch (sequences `idx`), scaled by its `share` of the
         minibatch, and its backward."""
         cfg = self.cfg
-        logp2d = pad_sequence(packed.split(logp), batch_first=True)
-        mask = pad_sequence([torch.ones(lens[i], dtype=torch.bool) for i in idx], batch_first=True).to(logp.device)
-        old2d = pad_sequence([old[i].float() for i in idx], batch_first=True).to(logp.device)
+        logp2d = packed.padded(logp)
+        mask = packed.padded(torch.ones_like(logp, dtype=torch.bool), False)
+        old2d = packed.padded(torch.cat([old[i] for i in idx]).to(logp.device, torch.float32))
         weights = None
         if batch.token_weights is not None:
-            weights = pad_sequence([batch.token_weights[i].float() for i in idx], batch_first=True).to(logp.device)
+            weights = packed.padded(torch.cat([batch.token_weights[i] for i in idx]).to(logp.device, torch.float32))
         adv = batch.advantages[idx].float().to(logp.device)
         loss, stats = policy_loss(logp2d, old2d, adv, mask, cfg.clip_low, cfg.clip_high, cfg.loss_agg, weights)
         if self.reference is not None:
             with torch.no_grad():
                 ref_logp, _, _ = score(self.reference, packed, temperature, with_entropy=False)
-            ref2d = pad_sequence(packed.split(ref_logp), batch_first=True)
+            ref2d = packed.padded(ref_logp)
             kl = masked_aggregate(kl_penalty(logp2d, ref2d, mask, cfg.kl_kind), mask, cfg.loss_agg)
             loss = loss + cfg.kl_coef * kl
             stats["kl_ref"] = kl.detach()

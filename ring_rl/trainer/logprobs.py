@@ -12,6 +12,7 @@ shares one): the prompt's rows are computed, and back-propagated, once per group
 """
 from __future__ import annotations
 
+import functools
 import itertools
 from dataclasses import dataclass
 
@@ -44,6 +45,20 @@ class PackedBatch:
     def split(self, values: torch.Tensor) -> list[torch.Tensor]:
         """[M] per-target values → one tensor per packed sequence."""
         return list(torch.split(values, self.num_targets))
+
+    def padded(self, values: torch.Tensor, fill: float | bool = 0) -> torch.Tensor:
+        """[M] per-target values → [B, max targets] (row b: sequence b's values, then `fill`).
+        One scatter, one autograd node: `pad_sequence(split(values))` made 2B of each."""
+        seq, pos = self._target_coords
+        out = values.new_full((len(self.num_targets), max(self.num_targets, default=0)), fill)
+        return out.index_put((seq, pos), values)
+
+    @functools.cached_property
+    def _target_coords(self) -> tuple[torch.Tensor, torch.Tensor]:
+        counts = torch.tensor(self.num_targets, dtype=torch.long)
+        seq = torch.repeat_interleave(torch.arange(counts.numel()), counts)
+        pos = torch.arange(seq.numel()) - (torch.cumsum(counts, 0) - counts)[seq]
+        return seq.to(self.targets.device), pos.to(self.targets.device)
 
     def per_sequence_rows(self, router_ids: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
         """The model's per-row router ids in plain packed order (sequence after sequence,
