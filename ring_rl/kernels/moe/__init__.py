@@ -7,7 +7,8 @@
 
 The maths (and the tie rule: equal scores go to the lower expert / group index) is defined
 in `reference.py`. Dispatch (see `ring_rl.kernels.dispatch`): Triton on CUDA tensors, the
-plain-PyTorch reference on CPU tensors. The Triton path:
+plain-PyTorch reference on CPU tensors (the experts as two padded batched GEMMs,
+`torch_padded.py`, unless routing is skewed or `RING_RL_KERNELS=reference`). The Triton path:
 - router_logits: an fp32-accurate Triton matmul (never TF32: IEEE FMA for fp32 x; for bf16
   x the fp32 weight is split into 3 exact bf16 parts on the tensor cores) with fixed tiles
   and no split-K, so a row's logits are bitwise the same whatever the batch
@@ -30,7 +31,7 @@ from __future__ import annotations
 
 import torch
 
-from ring_rl.kernels.dispatch import use_triton
+from ring_rl.kernels.dispatch import kernel_mode, use_triton
 from ring_rl.kernels.moe.reference import (
     check_route_args,
     moe_experts_ref,
@@ -40,6 +41,7 @@ from ring_rl.kernels.moe.reference import (
     router_logits_ref,
     select_experts_ref,
 )
+from ring_rl.kernels.moe.torch_padded import moe_experts_padded, worth_padding
 
 __all__ = [
     "router_logits",
@@ -183,5 +185,9 @@ def moe_experts(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
                          f"{tuple(w_down.shape)} must be [E, 2I, H] / [E, H, I] with "
                          f"H={x.shape[1]}")
     if not use_triton(x, w_gate_up, w_down) or x.shape[0] == 0:
+        if kernel_mode() == "auto" and x.shape[0]:  # CPU: one bmm per GEMM unless routing is skewed
+            pad, counts = worth_padding(ids, e)
+            if pad:
+                return moe_experts_padded(x, ids, weights, w_gate_up, w_down, counts)
         return moe_experts_ref(x, ids, weights, w_gate_up, w_down)
     return MoEExpertsFunction.apply(x, ids, weights, w_gate_up, w_down)
