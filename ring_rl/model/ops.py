@@ -53,12 +53,54 @@ def rotary(x: torch.Tensor, positions: torch.Tensor, rotary_dim: int, theta: flo
 
     Returns fp32. Neox layout: the two halves of the rotary slice form the pairs."""
     x = x.float()
+    cos, sin = _cos_sin(positions, rotary_dim, theta)
+    if torch.is_grad_enabled() and x.requires_grad:
+        return _Rotary.apply(x, cos, sin, rotary_dim)
+    return _rotate(x, cos, sin, rotary_dim)
+
+
+def _rotate(x, cos, sin, rotary_dim: int) -> torch.Tensor:
     half = rotary_dim // 2
-    inv_freq = 1.0 / (theta ** (torch.arange(0, half, device=x.device, dtype=torch.float32) * 2.0 / rotary_dim))
-    angles = positions.to(torch.float32)[:, None] * inv_freq[None, :]
-    cos, sin = angles.cos()[:, None, :], angles.sin()[:, None, :]
     x1, x2, rest = x[..., :half], x[..., half:rotary_dim], x[..., rotary_dim:]
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin, rest), dim=-1)
+
+
+class _Rotary(torch.autograd.Function):
+    """The rotation forward; backward the inverse rotation of the gradient (one node instead
+    of a dozen: slices, products and the cat, each with its own backward)."""
+
+    @staticmethod
+    def forward(ctx, x, cos, sin, rotary_dim):
+        ctx.save_for_backward(cos, sin)
+        ctx.rotary_dim = rotary_dim
+        return _rotate(x, cos, sin, rotary_dim)
+
+    @staticmethod
+    def backward(ctx, dy):
+        cos, sin = ctx.saved_tensors
+        return _rotate(dy, cos, -sin, ctx.rotary_dim), None, None, None
+
+
+# (positions, its version, rotary_dim, theta, cos, sin): every layer of a CPU forward rotates at
+# the same positions tensor, so its angles are computed once. Not on a GPU: a CUDA graph captured
+# on a remembered result would replay without the kernels that compute it.
+_last_cos_sin: tuple = ()
+
+
+def _cos_sin(positions: torch.Tensor, rotary_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin [N, 1, rotary_dim // 2] fp32 of the angles at `positions`."""
+    global _last_cos_sin
+    last = _last_cos_sin
+    if last and last[0] is positions and last[1:4] == (positions._version, rotary_dim, theta):
+        return last[4], last[5]
+    remember = not positions.is_cuda
+    half = rotary_dim // 2
+    inv_freq = 1.0 / (theta ** (torch.arange(0, half, device=positions.device, dtype=torch.float32) * 2.0 / rotary_dim))
+    angles = positions.to(torch.float32)[:, None] * inv_freq[None, :]
+    cos, sin = angles.cos()[:, None, :], angles.sin()[:, None, :]
+    if remember:
+        _last_cos_sin = (positions, positions._version, rotary_dim, theta, cos, sin)
+    return cos, sin
 
 
 def rotary_full(x: torch.Tensor, positions: torch.Tensor, rotary_dim: int, theta: float) -> torch.Tensor:

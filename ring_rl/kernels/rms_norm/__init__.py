@@ -1,7 +1,9 @@
 """RMSNorm ops: `rms_norm` (optionally with a fused residual add) and `group_rms_norm_gate`.
 
 Each public function dispatches (see `ring_rl.kernels.dispatch`) between the plain-PyTorch
-definition in `reference.py` and Triton kernels wrapped in the autograd Functions below.
+definition in `reference.py` and Triton kernels wrapped in the autograd Functions below; on
+CPU with gradients the reference forward runs with a closed-form backward
+(`torch_backward.py`: fewer autograd nodes).
 Both compute in fp32 and cast once at the end; the Triton path's outputs and gradients are
 bitwise reproducible and a row's result does not depend on the other rows of the batch.
 """
@@ -9,11 +11,15 @@ from __future__ import annotations
 
 import torch
 
-from ring_rl.kernels.dispatch import use_triton
+from ring_rl.kernels.dispatch import kernel_mode, use_triton
 from ring_rl.kernels.rms_norm.reference import (
     check_groups,
     group_rms_norm_gate_ref,
     rms_norm_ref,
+)
+from ring_rl.kernels.rms_norm.torch_backward import (
+    GroupRMSNormGateTorchFunction,
+    RMSNormTorchFunction,
 )
 
 
@@ -103,6 +109,12 @@ class GroupRMSNormGateFunction(torch.autograd.Function):
         return dx.view(do.shape), dgate.view(do.shape), dw, None, None
 
 
+def _analytic_backward(*tensors: torch.Tensor | None) -> bool:
+    """The reference path in training (auto mode): forward as defined, backward in closed form."""
+    return (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+            and kernel_mode() == "auto")
+
+
 def rms_norm(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -123,6 +135,8 @@ def rms_norm(
         raise ValueError(f"rms_norm: residual {tuple(residual.shape)} must match x "
                          f"{tuple(x.shape)}")
     if not use_triton(x, residual, weight):
+        if _analytic_backward(x, residual, weight):
+            return RMSNormTorchFunction.apply(x, weight, eps, residual)
         return rms_norm_ref(x, weight, eps, residual)
     weight = weight.contiguous()
     if residual is None:
@@ -148,6 +162,8 @@ def group_rms_norm_gate(
         raise ValueError(f"group_rms_norm_gate: x {tuple(x.shape)}, gate {tuple(gate.shape)} "
                          f"and weight {tuple(weight.shape)} must be [..., F], [..., F], [F]")
     if not use_triton(x, gate, weight):
+        if _analytic_backward(x, gate, weight):
+            return GroupRMSNormGateTorchFunction.apply(x, gate, weight, num_groups, eps)
         return group_rms_norm_gate_ref(x, gate, weight, num_groups, eps)
     return GroupRMSNormGateFunction.apply(x, gate, weight.contiguous(), num_groups, eps)
 
