@@ -208,7 +208,11 @@ def _decode_attention(q, k, v, batch: SeqBatch, layer_idx: int) -> torch.Tensor:
     k_cache[slots, :, past] = k
     v_cache[slots, :, past] = v
     length = int(past.max()) + 1
-    keys, values = k_cache[slots, :, :length], v_cache[slots, :, :length]
+    n = slots.numel()
+    if n <= k_cache.shape[0] and torch.equal(slots, torch.arange(n, device=slots.device)):
+        keys, values = k_cache[:n, :, :length], v_cache[:n, :, :length]  # rows own slots 0..n-1: views
+    else:
+        keys, values = k_cache[slots, :, :length], v_cache[slots, :, :length]
     allowed = torch.arange(length, device=q.device)[None, :] <= past[:, None]  # [B, L]
     o = F.scaled_dot_product_attention(q[:, :, None], keys, values, attn_mask=allowed[:, None, None],
                                        enable_gqa=True)

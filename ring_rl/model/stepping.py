@@ -28,8 +28,8 @@ class Chooser(Protocol):
 @dataclass
 class ScheduleResult:
     tokens: list[list[int]]                        # chosen tokens per sequence
-    logprobs: list[list[torch.Tensor]]             # fp32 0-d logprob per chosen token
-    entropies: list[list[torch.Tensor]]            # per chosen token (when asked for)
+    logprobs: list[torch.Tensor]                   # fp32 [len(tokens[i])] per sequence
+    entropies: list[torch.Tensor] | None           # the same shapes (when asked for)
     finished_by_choice: list[bool]                 # the chooser said done (EOS) before the cap
     routes: list[list[torch.Tensor]] = field(default_factory=list)  # router id pieces [L, n, k]
 
@@ -40,21 +40,18 @@ def run_schedule(model: RingLinearForCausalLM, prompts: list[list[int]], max_new
                  with_entropy: bool = False) -> ScheduleResult:
     n, dev = len(prompts), model.lm_head.weight.device
     cache = model.new_cache(n, capacity=max(len(p) for p in prompts) + max_new_tokens)
-    res = ScheduleResult([[] for _ in range(n)], [[] for _ in range(n)], [[] for _ in range(n)],
-                         [False] * n, [[] for _ in range(n)])
+    res = ScheduleResult([[] for _ in range(n)], [], None, [False] * n, [[] for _ in range(n)])
     logits = _prefill(model, prompts, cache, res.routes, prefill_chunk)
     active = torch.arange(n, device=dev)  # the rows still going; row active[j] lives in cache slot j
+    steps = []  # (active, logprobs, entropies) of each step: per-sequence tensors are cut at the end
     for step in range(max_new_tokens):
         rows = active.tolist()
         tokens, done = choose(step, rows, logits)
         lp = token_logprobs(logits, tokens, temperature)
-        ent = entropy_from_logits(logits, temperature) if with_entropy else None
-        for j, i in enumerate(rows):
-            res.tokens[i].append(int(tokens[j]))
-            res.logprobs[i].append(lp[j])
-            if ent is not None:
-                res.entropies[i].append(ent[j])
-            if done[j]:
+        steps.append((active, lp, entropy_from_logits(logits, temperature) if with_entropy else None))
+        for i, token, finished in zip(rows, tokens.tolist(), done.tolist()):  # plain ints: no op per row
+            res.tokens[i].append(token)
+            if finished:
                 res.finished_by_choice[i] = True
         keep = ~done
         if step == max_new_tokens - 1 or not bool(keep.any()):
@@ -71,7 +68,23 @@ def run_schedule(model: RingLinearForCausalLM, prompts: list[list[int]], max_new
         batch = SeqBatch.build(torch.ones(active.numel(), dtype=torch.long, device=dev), cache, slots)
         logits, out = model.forward_flat(tokens, batch)
         _record(res.routes, active.tolist(), out.router_ids, [1] * active.numel())
+    lengths = [len(t) for t in res.tokens]
+    res.logprobs = _per_sequence([(a, lp) for a, lp, _ in steps], n, lengths)
+    if with_entropy:
+        res.entropies = _per_sequence([(a, e) for a, _, e in steps], n, lengths)
     return res
+
+
+def _per_sequence(steps: list[tuple[torch.Tensor, torch.Tensor]], n: int, lengths: list[int]) -> list[torch.Tensor]:
+    """Step s's values for its rows `active` → one tensor per sequence (a sequence is active
+    at steps 0..len-1, so its values are the first `len` of its row in the [n, steps] table)."""
+    if not steps:
+        return [torch.zeros(0) for _ in range(n)]
+    table = steps[0][1].new_zeros(n, len(steps))
+    for s, (active, values) in enumerate(steps):
+        table[active, s] = values
+    keep = torch.arange(len(steps), device=table.device)[None, :] < torch.tensor(lengths, device=table.device)[:, None]
+    return list(torch.split(table[keep], lengths))
 
 
 def _prefill(model, prompts, cache, routes, chunk) -> torch.Tensor:
@@ -121,16 +134,36 @@ def stack_routes(pieces: list[torch.Tensor]) -> torch.Tensor | None:
 
 
 class SampleChooser:
-    """Draw the next token per row from its own generator; EOS ends a sequence."""
+    """Draw the next token per row from its own generator; EOS ends a sequence.
+
+    A row's uniforms for up to `max_steps` steps are drawn in one call: `rand(b, V)` gives the
+    numbers of b successive `rand(V)` calls, so the tokens are the same as drawing step by
+    step, without a call per row per step (256 rows x 4 steps were 1,000 calls a batch). The
+    buffer stays under NOISE_BYTES (a large vocabulary draws step by step)."""
+
+    NOISE_BYTES = 16 << 20
 
     def __init__(self, temperature: float, top_p: float, top_k: int, generators: list[torch.Generator],
-                 eos_ids: torch.Tensor):
+                 eos_ids: torch.Tensor, max_steps: int = 1):
         self.temperature, self.top_p, self.top_k = temperature, top_p, top_k
-        self.generators, self.eos = generators, eos_ids
+        self.generators, self.eos, self.max_steps = generators, eos_ids, max_steps
+        self._noise, self._first = None, 0  # uniforms [rows, b, V] of steps first .. first + b - 1
 
     def __call__(self, step, rows, logits):
-        tokens = sample(logits, self.temperature, self.top_p, self.top_k, [self.generators[i] for i in rows])
+        uniform = self._uniform(step, rows, logits.shape[-1]) if self.temperature > 0 else None
+        tokens = sample(logits, self.temperature, self.top_p, self.top_k, uniform=uniform)
         return tokens, torch.isin(tokens, self.eos.to(tokens.device))
+
+    def _uniform(self, step: int, rows: list[int], vocab: int) -> torch.Tensor:
+        if self._noise is None or step >= self._first + self._noise.shape[1]:
+            b = max(1, min(self.max_steps - step, self.NOISE_BYTES // (4 * vocab * len(self.generators))))
+            drawn = torch.stack([torch.rand(b, vocab, generator=self.generators[i], device=self.generators[i].device)
+                                 for i in rows])
+            self._noise = drawn.new_empty(len(self.generators), b, vocab)  # rows done by now: never read
+            self._noise[torch.tensor(rows, device=drawn.device)] = drawn
+            self._first = step
+        index = torch.tensor(rows, device=self._noise.device)
+        return self._noise[index, step - self._first]
 
 
 class ReplayChooser:

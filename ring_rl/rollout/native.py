@@ -53,14 +53,14 @@ class NativeEngine:
         t0 = time.perf_counter()
         n = len(prompts)
         gens = [torch.Generator(device="cpu").manual_seed(s) for s in seeds]
-        chooser = SampleChooser(params.temperature, params.top_p, params.top_k, gens, self.eos)
+        chooser = SampleChooser(params.temperature, params.top_p, params.top_k, gens, self.eos, params.max_new_tokens)
         res = run_schedule(self.model, prompts, params.max_new_tokens, chooser,
                            temperature=params.temperature if params.temperature > 0 else 1.0,
                            prefill_chunk=self.prefill_chunk)
         batch = RolloutBatch(
             prompt_ids=[torch.tensor(p, dtype=torch.long) for p in prompts],
             response_ids=[torch.tensor(r, dtype=torch.long) for r in res.tokens],
-            logprobs=[torch.stack(lp).float().cpu() if lp else torch.zeros(0) for lp in res.logprobs],
+            logprobs=[lp.float().cpu() for lp in res.logprobs],
             finish_reasons=["eos" if f else "length" for f in res.finished_by_choice],
             weight_version=self.weight_version,
             sampling=params,

@@ -165,8 +165,8 @@ class TrainerEngine:
                                        max(r.numel() for r in responses), ReplayChooser(responses),
                                        temperature, rollout.prefill_chunk, with_entropy=True)
                     for j, i in enumerate(part):
-                        logprobs[i] = torch.stack(res.logprobs[j]).float().cpu()
-                        entropies[i] = torch.stack(res.entropies[j]).float().cpu()
+                        logprobs[i] = res.logprobs[j].float().cpu()
+                        entropies[i] = res.entropies[j].float().cpu()
                         routers[i] = stack_routes(res.routes[j])
         finally:
             self.model.train(was_training)
