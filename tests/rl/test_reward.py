@@ -112,3 +112,26 @@ def test_format_reward_and_batch():
     assert rewards == [1.25, 1.25, 1.0, 0.0, 0.0]
     with pytest.raises(ValueError, match="2 responses but 1 gold"):
         RewardFn(RewardConfig()).score(["1", "2"], ["1"])
+
+
+def test_verdicts_are_remembered_but_timeouts_are_not(monkeypatch):
+    """A repeated (answer, gold) pair is answered without the math_verify worker; a timed-out
+    pair is asked again (it may have been the machine, not the answer)."""
+    import ring_rl.rl.reward as reward_mod
+
+    fn = RewardFn(RewardConfig(timeout_s=1.0))
+    assert _one(fn, "\\boxed{\\frac{1}{2}}", "0.5").correct  # real math_verify, in the child
+    assert _one(fn, "\\boxed{9^{9^{9}}}", "3").reason == "timeout"
+    fn.close()
+    started = []
+
+    def no_worker(self):
+        started.append(1)
+        raise RuntimeError("no worker in this test")
+
+    monkeypatch.setattr(reward_mod._VerifyWorker, "__init__", no_worker)
+    info = _one(fn, "\\boxed{\\frac{1}{2}}", "0.5")
+    assert info.correct and info.reason == "correct" and not started
+    with pytest.raises(RuntimeError, match="no worker"):
+        _one(fn, "\\boxed{9^{9^{9}}}", "3")
+    assert started == [1]
