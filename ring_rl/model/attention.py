@@ -209,7 +209,7 @@ def _decode_attention(q, k, v, batch: SeqBatch, layer_idx: int) -> torch.Tensor:
     v_cache[slots, :, past] = v
     length = int(past.max()) + 1
     n = slots.numel()
-    if n <= k_cache.shape[0] and torch.equal(slots, torch.arange(n, device=slots.device)):
+    if not slots.is_cuda and n <= k_cache.shape[0] and torch.equal(slots, torch.arange(n)):
         keys, values = k_cache[:n, :, :length], v_cache[:n, :, :length]  # rows own slots 0..n-1: views
     else:
         keys, values = k_cache[slots, :, :length], v_cache[slots, :, :length]
