@@ -73,6 +73,23 @@ class RingCache:
                 for t in (k, v):
                     t[:, :, :used].index_copy_(0, dst, t[:, :, :used].index_select(0, src))
 
+    def fan_out(self, group: int, n: int) -> None:
+        """Slots g*group+1 .. g*group+group-1 continue from slot g*group, for the first n slots
+        (a GRPO batch: each prompt prefilled once at its group's first row). `copy_slots` for
+        that layout, as one broadcast copy per buffer: no gathered temporary, half the traffic."""
+        if group <= 1:
+            return
+        m = n // group
+        self.lengths[:n].view(m, group)[:, 1:] = self.lengths[:n].view(m, group)[:, :1]
+        for s in self.state.values():
+            grouped = s[:n].view(m, group, *s.shape[1:])
+            grouped[:, 1:] = grouped[:, :1]
+        used = int(self.lengths[:n].max()) if n else 0
+        for k, v in self.kv.values():
+            for t in (k, v):
+                grouped = t[:n, :, :used].unflatten(0, (m, group))
+                grouped[:, 1:] = grouped[:, :1]
+
     def reset(self, slots: torch.Tensor | None = None) -> None:
         """Free slots for new sequences (all slots when `slots` is None)."""
         idx = slice(None) if slots is None else slots

@@ -114,10 +114,13 @@ def _prefill(model, prompts, cache, routes, chunk) -> torch.Tensor:
             if start + chunk >= lens[i]:
                 last[i] = logits[end - 1]
     copies = [i for i in range(n) if source[i] != i]
-    if copies:
+    group = n // len(first)
+    if copies and n % group == 0 and source == [i - i % group for i in range(n)]:
+        cache.fan_out(group, n)  # the driver's layout: each group's rows together, its prompt first
+    elif copies:
         cache.copy_slots(torch.tensor([source[i] for i in copies], device=dev), torch.tensor(copies, device=dev))
-        for i in copies:
-            last[i], routes[i] = last[source[i]], list(routes[source[i]])
+    for i in copies:
+        last[i], routes[i] = last[source[i]], list(routes[source[i]])
     return torch.stack(last)
 
 
