@@ -95,13 +95,29 @@ def _train_once(cfg: RunConfig, model_dir: str | Path, tokenizer) -> RunResult:
         def next_rollout(step: int) -> ScoredRollout:
             return generate_and_score(cfg, step, stream, workers, tokenizer, reward_fn)
 
+        def overlapped(step: int) -> bool:
+            return cfg.rollout.max_staleness > 0 and step < cfg.run.steps
+
+        def queue_after(step: int) -> Callable[[ScoredRollout], TrainerCall | None]:
+            """Queue step + 1's trainer calls behind step's update, unless something must see
+            the trainer between the two: the evaluation, a checkpoint, a requested stop."""
+            def queue(nxt: ScoredRollout) -> TrainerCall | None:
+                evals = test_data is not None and (step % cfg.run.eval_every == 0 or step == cfg.run.steps)
+                saves = bool(cfg.run.checkpoint_every and step % cfg.run.checkpoint_every == 0)
+                if evals or saves or stop.requested or step + 1 > cfg.run.steps:
+                    return None
+                return submit_step(workers, nxt, check, overlapped(step + 1))
+            return queue
+
         ahead = None  # the next step's rollout, made during this step's update (rollout.max_staleness=1)
+        queued = None  # its trainer calls, already behind this step's update in the trainer's queue
         for step in bar:
             t0 = time.perf_counter()
             scored = ahead or next_rollout(step)
-            overlap = cfg.rollout.max_staleness > 0 and step < cfg.run.steps
-            row, samples, ahead = grpo_step(cfg, scored, workers, tokenizer, run_dir, check, writer,
-                                            (lambda s=step + 1: next_rollout(s)) if overlap else None)
+            overlap = overlapped(step)
+            row, samples, ahead, queued = grpo_step(
+                cfg, scored, workers, tokenizer, run_dir, check, writer,
+                (lambda s=step + 1: next_rollout(s)) if overlap else None, queued, queue_after(step))
             row["perf/step_s"] = time.perf_counter() - t0
             row["data/epoch"], row["data/index"] = scored.stream_state["epoch"], scored.stream_state["index"]
             writer.submit(write_samples, run_dir, step, samples)
@@ -124,8 +140,11 @@ def _train_once(cfg: RunConfig, model_dir: str | Path, tokenizer) -> RunResult:
             bar.set_postfix(reward=f"{row['reward/mean']:.3f}", tok_s=f"{row['perf/rollout_tokens_per_s']:.0f}")
             if not sys.stderr.isatty():  # a log file (a Ray job's): one line per step, not bar redraws
                 log.info("step %d/%d: reward %.3f, %.1f s", step, cfg.run.steps, row["reward/mean"], row["perf/step_s"])
-            if ((cfg.run.checkpoint_every and step % cfg.run.checkpoint_every == 0) or step == cfg.run.steps
-                    or stop.requested):
+            if stop.requested and queued is not None:  # its update is in the trainer's queue: save after it
+                log.info("stop requested during step %d: finishing step %d, already queued, then saving",
+                         step, step + 1)
+            if (((cfg.run.checkpoint_every and step % cfg.run.checkpoint_every == 0) or step == cfg.run.steps
+                    or stop.requested) and queued is None):
                 writer.flush()  # a resumed run continues after the checkpoint's step: its rows are on disk
                 saved = save_checkpoint(ckpts, workers, step, scored.stream_state, acc_before)
                 if stop.requested and step < cfg.run.steps:
@@ -197,33 +216,52 @@ def generate_and_score(cfg: RunConfig, step: int, stream: PromptStream, workers:
                          t_rollout - t0, time.perf_counter() - t_rollout)
 
 
+@dataclass
+class TrainerCall:
+    """A step's calls in the trainer's queue: the weights from before its update (for the next
+    step's rollout, when overlapped) and its check + update."""
+    weights: ray.ObjectRef | None
+    result: ray.ObjectRef
+
+
+def submit_step(workers: Workers, scored: ScoredRollout, check: StepCheck, overlap: bool) -> TrainerCall:
+    batch = TrainBatch(rollout=scored.rollout, rewards=scored.rewards, advantages=scored.advantages)
+    weights = workers.request_weights() if overlap else None
+    return TrainerCall(weights, workers.submit_check_and_train(batch, check))
+
+
 def grpo_step(cfg: RunConfig, scored: ScoredRollout, workers: Workers, tokenizer, run_dir: Path,
               check: StepCheck, writer: BackgroundWriter, produce_next: Callable[[], ScoredRollout] | None = None,
-              ) -> tuple[dict, list[dict], ScoredRollout | None]:
+              call: TrainerCall | None = None,
+              queue_next: Callable[[ScoredRollout], TrainerCall | None] | None = None,
+              ) -> tuple[dict, list[dict], ScoredRollout | None, TrainerCall | None]:
     """The alignment check and the update of one scored rollout, both in the trainer (one
     call; see TrainerEngine.check_and_train), and the weight sync. With `produce_next`, the
     next step's rollout is made while the trainer works, with the weights from before this
     update (rollout.max_staleness=1): they are asked for ahead of the update in the trainer's
     queue and handed to the rollout actors while it runs. Else the new weights follow it.
-    The per-token files go to `writer`. → (metrics row, samples, the next step's rollout or None)."""
-    t0, rollout = time.perf_counter(), scored.rollout
-    batch = TrainBatch(rollout=rollout, rewards=scored.rewards, advantages=scored.advantages)
-    before = workers.request_weights() if produce_next is not None else None
-    pending = workers.submit_check_and_train(batch, check)
-    ahead, sync_s = None, 0.0
+    `call`: this step's trainer calls when they were queued during the previous step;
+    `queue_next(next rollout)` may queue the next step's the same way, so the trainer goes
+    from one update to the next without waiting for the driver. The per-token files go to
+    `writer`. → (metrics row, samples, the next step's rollout or None, its queued calls or None)."""
+    t0, rollout, was_queued = time.perf_counter(), scored.rollout, call is not None
+    call = call or submit_step(workers, scored, check, produce_next is not None)
+    ahead, next_call, sync_s = None, None, 0.0
     if produce_next is not None:
-        workers.sync_weights(before)
+        workers.sync_weights(call.weights)
         sync_s = time.perf_counter() - t0
         ahead = produce_next()
+        if queue_next is not None:
+            next_call = queue_next(ahead)
     t_ahead = time.perf_counter()
-    train_stats, report = workers.trainer_result(pending)
+    train_stats, report = workers.trainer_result(call.result)
     t_train = time.perf_counter()
     writer.submit(save_token_arrays, run_dir, scored.step, rollout.logprobs, report.trainer_logprobs)
     writer.submit(save_worst_tokens, run_dir, scored.step, rollout.logprobs, report.trainer_logprobs,
                   rollout.prompt_ids, rollout.response_ids, tokenizer.decode)
     t_align = time.perf_counter()
     if report.exact_difference is not None:  # no update ran on a broken promise
-        return {**report.metrics, "exact/first_difference": report.exact_difference}, [], None
+        return {**report.metrics, "exact/first_difference": report.exact_difference}, [], None, next_call
     if produce_next is None and train_stats:
         workers.sync_weights()
         sync_s = time.perf_counter() - t_align
@@ -250,8 +288,9 @@ def grpo_step(cfg: RunConfig, scored: ScoredRollout, workers: Workers, tokenizer
         "perf/overlap_s": t_ahead - t0,     # of which spent on the next step's rollout (and its weights)
         "perf/align_s": t_align - t_train,  # handing the per-token files to the writer
         "perf/sync_s": sync_s,
+        "perf/queued": float(was_queued),  # its trainer calls were queued during the step before
         **({"perf/sync_gbytes": workers.sync_bytes / 1e9} if workers.sync_bytes else {}),  # collective sync
-    }, samples, ahead
+    }, samples, ahead, next_call
 
 
 def write_samples(run_dir: Path, step: int, samples: list[dict]) -> None:
