@@ -13,8 +13,19 @@ import time
 import pytest
 
 from ring_rl.rl.metrics import read_metrics
-from tests.rl.tiny_run import (CONFIG, GROUP, PROMPTS, find_actor, kill_session, overrides, prepare, ring_rl, run_ok,
-                               sigkill, wait_for)
+from tests.rl.tiny_run import (
+    CONFIG,
+    GROUP,
+    PROMPTS,
+    find_actor,
+    kill_session,
+    overrides,
+    prepare,
+    ring_rl,
+    run_ok,
+    sigkill,
+    wait_for,
+)
 
 pytestmark = pytest.mark.slow
 STEPS = 7
