@@ -29,24 +29,72 @@ def worth_padding(ids: torch.Tensor, num_experts: int) -> tuple[bool, torch.Tens
 def moe_experts_padded(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, w_gate_up: torch.Tensor,
                        w_down: torch.Tensor, counts: torch.Tensor | None = None) -> torch.Tensor:
     """Same contract as `moe_experts_ref`: y [T, H] in x.dtype. counts: `worth_padding`'s."""
-    t, h = x.shape
-    k, e = ids.shape[1], w_gate_up.shape[0]
-    inter = w_gate_up.shape[1] // 2
+    layout = _layout(ids, w_gate_up.shape[0], x.shape[0], counts)
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (x, weights, w_gate_up, w_down)):
+        return PaddedExperts.apply(x, weights, w_gate_up, w_down, layout)
+    return _forward(x, weights, w_gate_up, w_down, layout)[0]
+
+
+def _layout(ids: torch.Tensor, e: int, t: int, counts: torch.Tensor | None):
+    """(cap, source [E*cap]: the token of each padded row, t for padding; row_of_slot [T*k])."""
     flat = ids.reshape(-1)                                  # slot s = token s // k, choice s % k
     if counts is None:
         counts = torch.bincount(flat, minlength=e)
     cap = int(counts.max())
     order = torch.sort(flat, stable=True).indices           # slots by expert
     expert = flat[order]
-    rank = torch.arange(flat.numel(), device=x.device) - (torch.cumsum(counts, 0) - counts)[expert]
+    rank = torch.arange(flat.numel(), device=ids.device) - (torch.cumsum(counts, 0) - counts)[expert]
     row_of_sorted = expert * cap + rank                      # the padded row of each sorted slot
-    source = torch.full((e * cap,), t, dtype=torch.long, device=x.device)  # padding reads row t: zeros
-    source[row_of_sorted] = order // k
+    source = torch.full((e * cap,), t, dtype=torch.long, device=ids.device)  # padding reads row t: zeros
+    source[row_of_sorted] = order // ids.shape[1]
+    row_of_slot = torch.empty_like(row_of_sorted)
+    row_of_slot[order] = row_of_sorted
+    return cap, source, row_of_slot, ids.shape[1]
+
+
+def _forward(x, weights, w_gate_up, w_down, layout):
+    """→ (y, xp, gu, act, o_slots): the reference's roundings, in two bmm."""
+    cap, source, row_of_slot, k = layout
+    t, h = x.shape
+    e, inter = w_gate_up.shape[0], w_gate_up.shape[1] // 2
     xf = torch.cat([x.float(), x.new_zeros(1, h, dtype=torch.float32)])
     xp = xf[source].view(e, cap, h)
     gu = torch.bmm(xp, w_gate_up.to(x.dtype).float().transpose(1, 2))        # [E, cap, 2I]
     act = (F.silu(gu[..., :inter]) * gu[..., inter:]).to(x.dtype)
     o = torch.bmm(act.float(), w_down.to(x.dtype).float().transpose(1, 2)).to(x.dtype)  # [E, cap, H]
-    row_of_slot = torch.empty_like(row_of_sorted)
-    row_of_slot[order] = row_of_sorted
-    return combine_ref(o.view(e * cap, h)[row_of_slot].view(t, k, h), weights.float(), x.dtype)
+    o_slots = o.view(e * cap, h)[row_of_slot].view(t, k, h)
+    return combine_ref(o_slots, weights.float(), x.dtype), xp, gu, act, o_slots
+
+
+class PaddedExperts(torch.autograd.Function):
+    """The padded forward; backward by hand: the same GEMMs transposed, the weight gradients
+    laid out as the weights (autograd's bmm backward made [E, H, 2I] grads and copied them), one
+    node instead of a dozen."""
+
+    @staticmethod
+    def forward(ctx, x, weights, w_gate_up, w_down, layout):
+        y, xp, gu, act, o_slots = _forward(x, weights, w_gate_up, w_down, layout)
+        ctx.save_for_backward(xp, gu, act, o_slots, weights, w_gate_up, w_down)
+        ctx.layout, ctx.x_shape, ctx.x_dtype = layout, x.shape, x.dtype
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        xp, gu, act, o_slots, weights, w_gate_up, w_down = ctx.saved_tensors
+        cap, source, row_of_slot, k = ctx.layout
+        (t, h), e, inter = ctx.x_shape, w_gate_up.shape[0], w_gate_up.shape[1] // 2
+        dyf = dy.float()
+        d_weights = (o_slots.float() * dyf[:, None, :]).sum(-1).to(weights.dtype)   # [T, k]
+        d_o = dyf.new_zeros(e * cap, h)
+        d_o[row_of_slot] = (weights.float()[:, :, None] * dyf[:, None, :]).reshape(t * k, h)
+        d_o = d_o.view(e, cap, h)
+        wd = w_down.to(ctx.x_dtype).float()
+        d_w_down = torch.bmm(d_o.transpose(1, 2), act.float()).to(w_down.dtype)       # [E, H, I]
+        d_act = torch.bmm(d_o, wd)                                                      # [E, cap, I]
+        g, u = gu[..., :inter], gu[..., inter:]
+        sig = torch.sigmoid(g)
+        d_gu = torch.cat([d_act * u * sig * (1 + g * (1 - sig)), d_act * (g * sig)], -1)  # [E, cap, 2I]
+        d_w_gate_up = torch.bmm(d_gu.transpose(1, 2), xp).to(w_gate_up.dtype)          # [E, 2I, H]
+        d_xp = torch.bmm(d_gu, w_gate_up.to(ctx.x_dtype).float()).view(e * cap, h)
+        dx = d_xp.new_zeros(t + 1, h).index_add_(0, source, d_xp)[:t].to(ctx.x_dtype)
+        return dx, d_weights, d_w_gate_up, d_w_down, None

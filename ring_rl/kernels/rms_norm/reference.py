@@ -21,11 +21,17 @@ def rms_norm_ref(
     weight.float()`, computed entirely in fp32 -- the weight is multiplied in fp32 -- and
     cast once to x's dtype. Returns `y`, or `(y, h)` when a residual is given.
     """
+    y, h, _ = rms_norm_parts(x, weight, eps, residual)
+    return y if residual is None else (y, h)
+
+
+def rms_norm_parts(x, weight, eps=1e-6, residual=None):
+    """`rms_norm_ref`'s maths → (y, h, rstd [..., 1] fp32): the backward of the CPU path reuses rstd."""
     h = x if residual is None else (x + residual).to(x.dtype)
     xf = h.float()
     rstd = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
     y = (xf * rstd * weight.float()).to(x.dtype)
-    return y if residual is None else (y, h)
+    return y, h, rstd
 
 
 def check_groups(num_features: int, num_groups: int) -> int:

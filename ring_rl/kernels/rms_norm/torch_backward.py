@@ -3,8 +3,8 @@
 Autograd through the reference records seven or eight nodes per norm (pow, mean, rsqrt,
 three products, casts), each with its saved tensors; the tiny model runs 29 norms per
 forward, and on a CPU the per-op overhead, not the arithmetic, is their cost. These
-Functions run the reference itself forward (the same bits) and the closed-form gradient
-backward, the formulas the Triton kernels use:
+Functions run the reference's maths forward (the same ops, the same bits) and the
+closed-form gradient backward, the formulas the Triton kernels use:
     x̂ = h * rstd,  g = dy * w:   dh = rstd * (g - x̂ * mean(g * x̂)),  dw = sum_rows dy * x̂
 (per group for the gated norm, with dy = do * sigmoid(gate), and d gate = do * y * s * (1 - s)).
 """
@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from ring_rl.kernels.rms_norm.reference import group_rms_norm_gate_ref, rms_norm_ref
+from ring_rl.kernels.rms_norm.reference import group_rms_norm_gate_ref, rms_norm_parts
 
 
 def _rstd(h: torch.Tensor, eps: float) -> torch.Tensor:
@@ -29,19 +29,17 @@ class RMSNormTorchFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, eps, residual):
-        out = rms_norm_ref(x, weight, eps, residual)
-        h = x if residual is None else out[1]
-        ctx.save_for_backward(h, weight)
-        ctx.eps, ctx.residual_dtype = eps, None if residual is None else residual.dtype
+        y, h, rstd = rms_norm_parts(x, weight, eps, residual)
+        ctx.save_for_backward(h, weight, rstd)
+        ctx.residual_dtype = None if residual is None else residual.dtype
         ctx.set_materialize_grads(False)
-        return out
+        return y if residual is None else (y, h)
 
     @staticmethod
     def backward(ctx, dy, dh=None):
-        h, weight = ctx.saved_tensors
+        h, weight, rstd = ctx.saved_tensors
         if dy is None and dh is None:
             return None, None, None, None
-        rstd = _rstd(h, ctx.eps)
         xhat = h.float() * rstd
         dx, dw = None, None
         if dy is not None:
