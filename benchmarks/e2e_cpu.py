@@ -244,14 +244,14 @@ def ring_breakdown(rows: list[dict]) -> list[str]:
                            f"update {med['train_s']:.3f} s (inside the trainer actor {med['update_s']:.3f} s), "
                            f"during which the next step's weights sync {med['sync_s']:.3f} s + rollout "
                            f"{med['gen_s']:.3f} s + reward {med['reward_s']:.3f} s ran ({med['overlap_s']:.3f} s "
-                           f"in all); token files {med['align_s']:.3f} s; the rest of the "
+                           f"in all); files to the writer thread {med['align_s']:.3f} s; the rest of the "
                            f"{med['s']:.3f} s step is the driver's bookkeeping between steps "
                            f"(staleness {med['staleness']:.0f})")
             else:
                 out.append(f"{r['system']} {size} median split of a step (driver clock): rollout "
                            f"{med['gen_s']:.3f} s, reward {med['reward_s']:.3f} s, the trainer's check + update "
                            f"{med['train_s']:.3f} s (inside the trainer actor {med['update_s']:.3f} s; the "
-                           f"rest is Ray calls), token files {med['align_s']:.3f} s, weight sync "
+                           f"rest is Ray calls), files to the writer thread {med['align_s']:.3f} s, weight sync "
                            f"{med['sync_s']:.3f} s; the rest of the {med['s']:.3f} s step is the driver's "
                            f"bookkeeping between steps")
     return out
