@@ -16,7 +16,7 @@ from ring_rl.rl.metrics import read_metrics
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[2]
-STEPS, PROMPTS = 4, 2
+STEPS, PROMPTS = 6, 2  # steps 3-6 keep the run alive while the test kills it after step 2
 
 
 def _overrides(tmp: Path) -> list[str]:
@@ -55,7 +55,7 @@ def test_train_is_killed_and_resumes_without_gaps(tmp_path):
             steps = [r["step"] for r in read_metrics(tmp_path / "run")]
             if 2 in steps and (tmp_path / "run/checkpoints/step_000002").exists():
                 break
-            time.sleep(0.5)
+            time.sleep(0.02)  # a step takes a fraction of a second: step 4 must not finish first
         else:
             pytest.fail(f"step 2 never finished:\n{(tmp_path / 'log0.txt').read_text()[-3000:]}")
     finally:
