@@ -40,8 +40,8 @@ def run_experts(fn, x, ids, w, wgu, wd, dy):
 EXPERT_NAMES = ["y", "dx", "dweights", "dw_gate_up", "dw_down"]
 
 
-def check_experts(inputs, tol=FP32_TOL):
-    got = run_experts(moe_experts, *inputs)
+def check_experts(inputs, tol=FP32_TOL, fn=moe_experts):
+    got = run_experts(fn, *inputs)
     want = run_experts(moe_experts_ref, *inputs)
     for name, a, b in zip(EXPERT_NAMES, got, want):
         assert_close(a, b, tol, name)

@@ -4,16 +4,18 @@ import torch
 
 from ring_rl.kernels.moe import moe_experts, moe_experts_ref
 from ring_rl.kernels.moe.torch_padded import moe_experts_padded, worth_padding
-from tests.kernels.moe_cases import EXPERT_NAMES, expert_inputs, ids_avoiding, run_experts
 from tests.kernels.checks import FP32_TOL, assert_close
+from tests.kernels.moe_cases import (
+    EXPERT_NAMES,
+    check_experts,
+    expert_inputs,
+    ids_avoiding,
+    run_experts,
+)
 
 
-def _check(inputs, tol=FP32_TOL):
-    got = run_experts(moe_experts_padded, *inputs)
-    want = run_experts(moe_experts_ref, *inputs)
-    for name, a, b in zip(EXPERT_NAMES, got, want):
-        assert_close(a, b, tol, name)
-    return got
+def _check(inputs):
+    return check_experts(inputs, fn=moe_experts_padded)
 
 
 @pytest.mark.parametrize("t,h,inter,e,k", [(1, 48, 32, 8, 2), (37, 100, 24, 8, 2), (1000, 48, 32, 16, 4)])
