@@ -37,16 +37,14 @@ def filter_logits(logits: torch.Tensor, temperature: float, top_p: float = 1.0, 
 
 
 def sample(logits: torch.Tensor, temperature: float, top_p: float = 1.0, top_k: int = 0,
-           generators: list[torch.Generator] | None = None, uniform: torch.Tensor | None = None) -> torch.Tensor:
-    """One token per row (temperature 0: greedy). Each row draws from its own generator
-    (Gumbel-max), so a sequence's tokens do not depend on which others share the batch.
-    uniform: the rows' U(0, 1) draws [N, V] when the caller made them (SampleChooser)."""
+           uniform: torch.Tensor | None = None) -> torch.Tensor:
+    """One token per row (temperature 0: greedy), by Gumbel-max over `uniform` [N, V], the
+    rows' U(0, 1) draws (SampleChooser draws each row's from its own generator, so a sequence's
+    tokens do not depend on which others share the batch); None: the global generator."""
     if temperature <= 0:
         return logits.float().argmax(-1)
     scaled = filter_logits(logits, temperature, top_p, top_k)
-    if uniform is None and generators is None:
+    if uniform is None:
         uniform = torch.rand(scaled.shape, device=scaled.device)
-    elif uniform is None:
-        uniform = torch.stack([torch.rand(scaled.shape[-1], generator=g, device=g.device) for g in generators])
     gumbel = -torch.log(-torch.log(uniform.clamp(1e-20, 1.0 - 1e-7)))
     return (scaled + gumbel.to(scaled.device)).argmax(-1)

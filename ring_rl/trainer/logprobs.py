@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ring_rl.kernels.packing import token_coords
 from ring_rl.model.cache import SeqBatch
 from ring_rl.model.modeling import RingLinearForCausalLM
 from ring_rl.model.sampling import entropy_from_logits, token_logprobs
@@ -55,10 +56,9 @@ class PackedBatch:
 
     @functools.cached_property
     def _target_coords(self) -> tuple[torch.Tensor, torch.Tensor]:
-        counts = torch.tensor(self.num_targets, dtype=torch.long)
-        seq = torch.repeat_interleave(torch.arange(counts.numel()), counts)
-        pos = torch.arange(seq.numel()) - (torch.cumsum(counts, 0) - counts)[seq]
-        return seq.to(self.targets.device), pos.to(self.targets.device)
+        """(sequence, position) of each target: the targets are packed sequence after sequence."""
+        cu = torch.tensor([0, *itertools.accumulate(self.num_targets)], device=self.targets.device)
+        return token_coords(cu)
 
     def per_sequence_rows(self, router_ids: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
         """The model's per-row router ids in plain packed order (sequence after sequence,

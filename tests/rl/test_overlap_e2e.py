@@ -35,12 +35,18 @@ def _steps(run_dir):
     return [r["step"] for r in read_metrics(run_dir)] if (run_dir / "metrics.jsonl").exists() else []
 
 
-def test_overlapped_run_survives_a_rollout_kill_and_a_resume(tmp_path):
+def _overlapped_run(tmp_path, steps: int, checkpoint_every: int):
+    """A random-init tiny run with rollout.max_staleness=1, started → (run_dir, logs, args, process)."""
     prepared = prepare(tmp_path / "tiny")
     run_dir, logs = tmp_path / "run", [tmp_path / "log0.txt", tmp_path / "log1.txt"]
-    args = ["train", "--config", str(CONFIG), *overrides(prepared, run_dir, STEPS, "rollout.max_staleness=1",
-                                                           "run.checkpoint_every=1", "run.keep_checkpoints=10")]
-    proc = ring_rl(*args, log=logs[0])
+    args = ["train", "--config", str(CONFIG), *overrides(prepared, run_dir, steps, "rollout.max_staleness=1",
+                                                           f"run.checkpoint_every={checkpoint_every}",
+                                                           "run.keep_checkpoints=10")]
+    return run_dir, logs, args, ring_rl(*args, log=logs[0])
+
+
+def test_overlapped_run_survives_a_rollout_kill_and_a_resume(tmp_path):
+    run_dir, logs, args, proc = _overlapped_run(tmp_path, STEPS, checkpoint_every=1)
     try:
         wait_for(lambda: 2 in _steps(run_dir), 240, "step 2", proc, logs[0])
         find_actor(proc.pid, "ray::RolloutWorker", busy_with="generate", timeout=60).kill()
@@ -78,13 +84,10 @@ def test_queued_updates_and_a_stop_between_them(tmp_path):
     """With rollout.max_staleness=1 step n+1's update waits in the trainer's queue while step n's
     runs, except after an evaluation or a checkpoint step. A stop request (SIGTERM) that lands
     while the next update is queued (timed for that; it may land before) waits for it: the
-    checkpoint holds exactly the steps the metrics list. The resumed run continues with no step lost or repeated, one version per step."""
+    checkpoint holds exactly the steps the metrics list. The resumed run continues with no
+    step lost or repeated, one version per step."""
     steps = 10
-    prepared = prepare(tmp_path / "tiny")
-    run_dir, logs = tmp_path / "run", [tmp_path / "log0.txt", tmp_path / "log1.txt"]
-    args = ["train", "--config", str(CONFIG), *overrides(prepared, run_dir, steps, "rollout.max_staleness=1",
-                                                           "run.checkpoint_every=4", "run.keep_checkpoints=10")]
-    proc = ring_rl(*args, log=logs[0])
+    run_dir, logs, args, proc = _overlapped_run(tmp_path, steps, checkpoint_every=4)
     try:
         wait_for(lambda: 4 in _steps(run_dir), 240, "step 4", proc, logs[0])
         while 5 not in _steps(run_dir) and proc.poll() is None:

@@ -41,7 +41,11 @@ from ring_rl.kernels.moe.reference import (
     router_logits_ref,
     select_experts_ref,
 )
-from ring_rl.kernels.moe.torch_padded import moe_experts_padded, worth_padding
+from ring_rl.kernels.moe.torch_padded import (
+    moe_experts_padded,
+    padded_layout,
+    padding_pays,
+)
 
 __all__ = [
     "router_logits",
@@ -185,9 +189,8 @@ def moe_experts(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
                          f"{tuple(w_down.shape)} must be [E, 2I, H] / [E, H, I] with "
                          f"H={x.shape[1]}")
     if not use_triton(x, w_gate_up, w_down) or x.shape[0] == 0:
-        if kernel_mode() == "auto" and x.shape[0]:  # CPU: one bmm per GEMM unless routing is skewed
-            pad, counts = worth_padding(ids, e)
-            if pad:
-                return moe_experts_padded(x, ids, weights, w_gate_up, w_down, counts)
+        layout = padded_layout(ids, e) if kernel_mode() == "auto" and x.shape[0] else None
+        if layout is not None and padding_pays(layout, e):  # CPU: one bmm per GEMM unless skewed
+            return moe_experts_padded(x, weights, w_gate_up, w_down, layout)
         return moe_experts_ref(x, ids, weights, w_gate_up, w_down)
     return MoEExpertsFunction.apply(x, ids, weights, w_gate_up, w_down)

@@ -10,46 +10,44 @@ copies, h and o rounded to x's dtype, the same fixed-order combine); on this CPU
 were bitwise the reference's (tests hold it to fp32 tolerance).
 
 Padding costs E * cap - T * k wasted rows: when routing is so skewed that this exceeds the
-real rows (`worth_padding`), the dispatcher keeps the loop.
+real rows (`padding_pays`), the dispatcher keeps the loop.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-from ring_rl.kernels.moe.reference import combine_ref
+from ring_rl.kernels.moe.reference import combine_ref, permute_by_expert
 
 
-def worth_padding(ids: torch.Tensor, num_experts: int) -> tuple[bool, torch.Tensor]:
-    """(pad?, per-expert slot counts): pad when the padded rows are at most twice the real ones."""
-    counts = torch.bincount(ids.reshape(-1), minlength=num_experts)
-    return int(counts.max()) * num_experts <= 2 * ids.numel(), counts
+def padded_layout(ids: torch.Tensor, num_experts: int):
+    """The padding of `ids` [T, k]: (cap, source [E*cap]: the token of each padded row, T for
+    padding; row_of_slot [T*k]: the padded row of each slot t*k + j, k)."""
+    t, k = ids.shape
+    order, offsets = permute_by_expert(ids, num_experts)    # slots by expert (slot s: token s // k)
+    cap = int(torch.diff(offsets).max()) if t else 0
+    expert = ids.reshape(-1)[order]
+    row_of_sorted = expert * cap + torch.arange(order.numel(), device=ids.device) - offsets[expert]
+    source = torch.full((num_experts * cap,), t, dtype=torch.long, device=ids.device)  # padding reads row t: zeros
+    source[row_of_sorted] = order // k
+    row_of_slot = torch.empty_like(row_of_sorted)
+    row_of_slot[order] = row_of_sorted
+    return cap, source, row_of_slot, k
 
 
-def moe_experts_padded(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, w_gate_up: torch.Tensor,
-                       w_down: torch.Tensor, counts: torch.Tensor | None = None) -> torch.Tensor:
-    """Same contract as `moe_experts_ref`: y [T, H] in x.dtype. counts: `worth_padding`'s."""
-    layout = _layout(ids, w_gate_up.shape[0], x.shape[0], counts)
+def padding_pays(layout, num_experts: int) -> bool:
+    """At most twice as many padded rows as real ones; more skewed routing keeps the loop."""
+    cap, _, row_of_slot, _ = layout
+    return cap * num_experts <= 2 * row_of_slot.numel()
+
+
+def moe_experts_padded(x: torch.Tensor, weights: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor,
+                       layout) -> torch.Tensor:
+    """Same contract as `moe_experts_ref` (the routing given as `padded_layout(ids, E)`):
+    y [T, H] in x.dtype."""
     if torch.is_grad_enabled() and any(t.requires_grad for t in (x, weights, w_gate_up, w_down)):
         return PaddedExperts.apply(x, weights, w_gate_up, w_down, layout)
     return _forward(x, weights, w_gate_up, w_down, layout)[0]
-
-
-def _layout(ids: torch.Tensor, e: int, t: int, counts: torch.Tensor | None):
-    """(cap, source [E*cap]: the token of each padded row, t for padding; row_of_slot [T*k])."""
-    flat = ids.reshape(-1)                                  # slot s = token s // k, choice s % k
-    if counts is None:
-        counts = torch.bincount(flat, minlength=e)
-    cap = int(counts.max())
-    order = torch.sort(flat, stable=True).indices           # slots by expert
-    expert = flat[order]
-    rank = torch.arange(flat.numel(), device=ids.device) - (torch.cumsum(counts, 0) - counts)[expert]
-    row_of_sorted = expert * cap + rank                      # the padded row of each sorted slot
-    source = torch.full((e * cap,), t, dtype=torch.long, device=ids.device)  # padding reads row t: zeros
-    source[row_of_sorted] = order // ids.shape[1]
-    row_of_slot = torch.empty_like(row_of_sorted)
-    row_of_slot[order] = row_of_sorted
-    return cap, source, row_of_slot, ids.shape[1]
 
 
 def _forward(x, weights, w_gate_up, w_down, layout):
