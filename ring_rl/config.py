@@ -145,8 +145,11 @@ class SftConfig(_Section):
     enabled: bool = Field(False, description="build model.name_or_path by SFT when it holds no checkpoint yet")
     init_preset: str = Field("tiny", description="model preset the warm-up starts from (random init)")
     init_from: str | None = Field(None, description="checkpoint dir to start from instead (null = random init)")
-    steps: int = Field(300, ge=1, description="warm-up optimizer steps")
+    steps: int = Field(300, ge=1, description="warm-up optimizer steps (the most, with target_accuracy)")
     batch_size: int = Field(64, ge=1, description="examples per warm-up step")
+    target_accuracy: float | None = Field(None, gt=0, le=1, description="stop once greedy accuracy on eval_prompts held-out train prompts reaches this (null = run all steps): the start's accuracy then does not hang on when training happens to take off")
+    eval_every: int = Field(10, ge=1, description="steps between held-out checks (with target_accuracy)")
+    eval_prompts: int = Field(256, ge=1, description="train prompts held out of the warm-up to check target_accuracy on")
     trainer: TrainerConfig = Field(default_factory=lambda: TrainerConfig(lr=1e-3), description="optimiser of the warm-up (lr, schedule, ZeRO stage)")
 
 

@@ -47,7 +47,7 @@ def prepare_run(cfg: RunConfig):
     return model_dir, load_tokenizer(model_dir)
 
 
-class _LocalWorkers:
+class LocalWorkers:
     """The `generate` of `ring_rl.rl.workers.Workers`, in-process (no Ray), for eval."""
 
     def __init__(self, model_dir: str | Path, dtype: str):
@@ -69,5 +69,5 @@ def evaluate_checkpoint(cfg: RunConfig, model_dir: str | Path, data_file: str | 
     tokenizer = load_tokenizer(model_dir)
     data = load_prompts(cfg.data, "test", tokenizer).dataset
     with RewardFn(cfg.reward) as reward_fn:
-        out = evaluate(_LocalWorkers(model_dir, cfg.model.dtype), data, tokenizer, reward_fn, cfg)
+        out = evaluate(LocalWorkers(model_dir, cfg.model.dtype), data, tokenizer, reward_fn, cfg)
     return out["eval/accuracy"], int(out["eval/prompts"])

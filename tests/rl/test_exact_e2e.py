@@ -22,7 +22,7 @@ def test_exact_mode_run_is_bitwise_every_step(tmp_path):
         "alignment.mode=exact", f"run.dir={tmp_path}/run", f"model.name_or_path={tmp_path}/sft",
         f"run.steps={STEPS}", f"data.train_files=[{tmp_path}/data/train.jsonl]",
         f"data.test_files=[{tmp_path}/data/test.jsonl]", "data.builtin_args.n_train=400",
-        "data.builtin_args.n_test=20", "sft.steps=20", "sft.batch_size=16", "run.prompts_per_step=8",
+        "data.builtin_args.n_test=20", "sft.steps=20", "sft.batch_size=16", "sft.target_accuracy=null", "run.prompts_per_step=8",
         "rollout.group_size=8", "run.checkpoint_every=0", "run.eval_every=1000", "run.eval_prompts=8",
         "trainer.micro_batch_size=64", "trainer.lr=1e-3",
     ]

@@ -24,7 +24,7 @@ def _overrides(tmp: Path) -> list[str]:
         f"run.dir={tmp}/run", f"model.name_or_path={tmp}/sft", f"run.steps={STEPS}",
         f"data.train_files=[{tmp}/data/train.jsonl]", f"data.test_files=[{tmp}/data/test.jsonl]",
         "data.builtin_args.n_train=200", "data.builtin_args.n_test=20",
-        "sft.steps=2", "sft.batch_size=8", f"run.prompts_per_step={PROMPTS}", "rollout.group_size=4",
+        "sft.steps=2", "sft.batch_size=8", "sft.target_accuracy=null", f"run.prompts_per_step={PROMPTS}", "rollout.group_size=4",
         "run.checkpoint_every=1", "run.keep_checkpoints=5", "run.eval_every=2", "run.eval_prompts=8",
         "trainer.micro_batch_size=8",
     ]
