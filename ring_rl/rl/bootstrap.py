@@ -37,7 +37,9 @@ def ensure_checkpoint(cfg: RunConfig) -> Path:
                                 "(set sft.enabled=true to build one by SFT)")
     from ring_rl.rl.sft import run_sft
 
-    log.info("no starting checkpoint at %s: building it with SFT (%d steps)", path, cfg.sft.steps)
+    until = (f"at most {cfg.sft.steps} steps, until {cfg.sft.target_accuracy:.0%} held-out accuracy"
+             if cfg.sft.target_accuracy is not None else f"{cfg.sft.steps} steps")
+    log.info("no starting checkpoint at %s: building it with SFT (%s)", path, until)
     return run_sft(cfg, path)
 
 
