@@ -27,7 +27,7 @@ def build_ds_config(cfg: TrainerConfig, world_size: int = 1) -> dict:
         "train_micro_batch_size_per_gpu": cfg.micro_batch_size,
         "gradient_accumulation_steps": 1,  # the wrapper sets the boundary (variable micro-batch count)
         "train_batch_size": cfg.micro_batch_size * world_size,
-        "gradient_clipping": cfg.grad_clip,
+        "gradient_clipping": 0.0 if clips_itself(cfg) else cfg.grad_clip,
         "optimizer": {
             "type": "AdamW",
             "params": {
@@ -47,6 +47,13 @@ def build_ds_config(cfg: TrainerConfig, world_size: int = 1) -> dict:
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
+
+
+def clips_itself(cfg: TrainerConfig) -> bool:
+    """Whether the engine wrapper, not DeepSpeed, takes the grad norm and clips. Without ZeRO
+    and in fp32, DeepSpeed clips through a per-tensor loop and does not report the norm, so
+    the wrapper took the norm a second time for its stats; one fused pass does both."""
+    return cfg.zero_stage == 0 and not cfg.bf16
 
 
 def lr_factor(cfg: TrainerConfig, total_steps: int | None) -> Callable[[int], float]:

@@ -24,7 +24,7 @@ from ring_rl.trainer.loss import kl_penalty, masked_aggregate, policy_loss
 from ring_rl.trainer.stats import StepStats, check_batch
 from ring_rl.trainer import checkpoint as ckpt
 from ring_rl.trainer.distributed import init_distributed
-from ring_rl.trainer.ds_config import build_ds_config, lr_factor
+from ring_rl.trainer.ds_config import build_ds_config, clips_itself, lr_factor
 from ring_rl.trainer.logprobs import (FlatPolicy, logprob_temperature, micro_batches, pack, pack_rollout,
                                       score, stack_router_ids)
 from ring_rl.types import (AlignmentReport, RolloutBatch, TensorDict, TensorList, TrainBatch,
@@ -296,9 +296,12 @@ class TrainerEngine:
         """engine.step() at the boundary → (grad norm before clipping, lr used)."""
         lr = float(self.engine.get_lr()[0])
         own_norm = None
-        if self.cfg.zero_stage == 0 and not self.cfg.bf16:  # DeepSpeed does not report it here
-            grads = [p.grad.detach().float().norm() for p in self.model.parameters() if p.grad is not None]
-            own_norm = float(torch.stack(grads).norm()) if grads else 0.0
+        if clips_itself(self.cfg):
+            params = [p for p in self.model.parameters() if p.grad is not None]
+            norm = torch.nn.utils.get_total_norm([p.grad for p in params], foreach=True)
+            if self.cfg.grad_clip > 0:
+                torch.nn.utils.clip_grads_with_norm_(params, self.cfg.grad_clip, norm, foreach=True)
+            own_norm = float(norm)
         self.engine.step()
         self.optimizer_steps += 1
         norm = self.engine.get_global_grad_norm()

@@ -20,7 +20,7 @@ def test_tiny_arith_yaml_loads():
     cfg = load_config(REPO / "configs" / "tiny-arith.yaml", [])
     assert cfg.sft.init_preset == "tiny" and cfg.sft.enabled and cfg.data.builtin == "arith"
     assert cfg.rollout.group_size == 8 and cfg.rollout.engine == "native"
-    assert cfg.trainer.zero_stage == 1 and cfg.alignment.policy == "recompute"
+    assert cfg.trainer.zero_stage == 0 and cfg.alignment.policy == "recompute"
     assert cfg.alignment.gate == [GateRule(metric="k3", op=">", threshold=0.01, action="warn")]
     assert cfg.data.train_files == ["runs/data/arith/train.jsonl"]
     assert cfg.run.dir == "runs/tiny-arith"
