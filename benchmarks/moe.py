@@ -4,8 +4,9 @@
     python3 benchmarks/moe.py --sweep    # first time each expert kernel over tile choices,
                                          # then the table with the fastest of each
     python3 benchmarks/moe.py --variants # the table, then the block under each variant of
-                                         # the backward / plan / router settings and the
-                                         # parts they change (benchmarks/moe_variants.py)
+                                         # the forward / backward / plan / router settings
+                                         # (benchmarks/moe_variants.py); --parts: and the
+                                         # parts they change; --variants-only: no table
 
 Shapes: 16384 tokens, hidden 2048, 256 experts in 8 groups (4 kept), top-8, moe_intermediate
 512. Routing is skewed on purpose: a random fp32 router plus an expert_bias drawn wide, so
@@ -108,27 +109,32 @@ def main_table(peak):
     counts = torch.bincount(ids.reshape(-1), minlength=E)
     print(f"expert loads: mean {counts.float().mean():.0f}, max {counts.max().item()}, "
           f"min {counts.min().item()}, idle experts {(counts == 0).sum().item()}, "
-          f"max/mean {counts.max().item() / counts.float().mean().item():.2f}", file=sys.stderr)
+          f"max/mean {counts.max().item() / counts.float().mean().item():.2f}\n")
     w = w.detach().requires_grad_()
     params = (x, gate, wgu, wd)
-    rows = []
-    rows.append(row("block: router_logits + moe_route + moe_experts (ours, Triton)",
-                    bench(lambda: block(x, gate, bias, wgu, wd)),
-                    bench(fwd_bwd(lambda: block(x, gate, bias, wgu, wd), params, dy)), peak,
-                    "grads: x, gate, w_gate_up, w_down"))
-    ex_in = (x, w, wgu, wd)
-    ours = lambda: moe_experts(x, ids, w, wgu, wd)  # noqa: E731
-    rows.append(row("experts only: moe_experts (ours)", bench(ours),
-                    bench(fwd_bwd(ours, ex_in, dy)), peak, "same routing"))
-    rows.append(liger_row(x, ids, w, wgu, wd, dy, peak))
-    loop = lambda: torch_loop_experts(x, ids, w, wgu, wd)  # noqa: E731
-    rows.append(row("experts only: eager PyTorch loop over experts (bf16)", bench(loop, 500),
-                    bench(fwd_bwd(loop, ex_in, dy), 500), peak, "same routing"))
-    rows += gate_up_rows(x, ids, wgu, peak)
-    rows.append(router_row(x, gate, bias))
     print("| op | fwd ms | fwd TFLOP/s (% peak) | fwd+bwd ms | fwd+bwd TFLOP/s (% peak) | note |")
     print("|---|---|---|---|---|---|")
-    print("\n".join(rows))
+    # each row printed as it is measured (the slow peers last)
+    emit(row("block: router_logits + moe_route + moe_experts (ours, Triton)",
+             bench(lambda: block(x, gate, bias, wgu, wd)),
+             bench(fwd_bwd(lambda: block(x, gate, bias, wgu, wd), params, dy)), peak,
+             "grads: x, gate, w_gate_up, w_down"))
+    ex_in = (x, w, wgu, wd)
+    ours = lambda: moe_experts(x, ids, w, wgu, wd)  # noqa: E731
+    emit(row("experts only: moe_experts (ours)", bench(ours),
+             bench(fwd_bwd(ours, ex_in, dy)), peak, "same routing"))
+    for line in gate_up_rows(x, ids, wgu, peak):
+        emit(line)
+    emit(router_row(x, gate, bias))
+    emit(liger_row(x, ids, w, wgu, wd, dy, peak))
+    loop = lambda: torch_loop_experts(x, ids, w, wgu, wd)  # noqa: E731
+    emit(row("experts only: eager PyTorch loop over experts (bf16)", bench(loop, 500),
+             bench(fwd_bwd(loop, ex_in, dy), 500), peak, "same routing"))
+
+
+def emit(line):
+    print(line)
+    sys.stdout.flush()
 
 
 def liger_row(x, ids, w, wgu, wd, dy, peak):
@@ -157,6 +163,11 @@ def gate_up_rows(x, ids, wgu, peak):
     out = [f"| gate-up GEMM alone: ours (row gather + SwiGLU epilogue, writes gu and h) | "
            f"{ms:.3f} | {flops / ms / 1e9:.0f} ({flops / ms / 1e7 / peak:.0f}%) | - | - | "
            f"2*T*k*H*2I flops |"]
+    xs = kx.gather_rows(xd, plan)
+    ms = bench(lambda: kx.gate_up(xs, wgud, plan, sorted_rows=True))
+    out.append(f"| gate-up GEMM alone: ours on sorted x rows (TMA where TMA_GEMMS has it) | "
+               f"{ms:.3f} | {flops / ms / 1e9:.0f} ({flops / ms / 1e7 / peak:.0f}%) | - | - | "
+               f"2*T*k*H*2I flops |")
     try:
         xs = xd[plan.tokens.long()]                       # pre-permuted rows, not timed
         offs = plan.offsets[1:].to(torch.int32)
@@ -246,7 +257,11 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--sweep", action="store_true", help="time tile choices first")
     ap.add_argument("--variants", action="store_true",
-                    help="after the table: the block under each of VARIANTS, and its parts")
+                    help="after the table: the block under each of VARIANTS")
+    ap.add_argument("--variants-only", action="store_true",
+                    help="the variants without the table above them")
+    ap.add_argument("--parts", action="store_true",
+                    help="with the variants: also time the parts they change, one by one")
     args = ap.parse_args()
     props = torch.cuda.get_device_properties(0)
     print(f"# MoE block, {datetime.date.today()}, {props.name} ({props.multi_processor_count} "
@@ -258,14 +273,18 @@ def main():
     if args.sweep:
         sweep(peak)
     print(f"configs: DOWN_BWD_FUSED={kx.DOWN_BWD_FUSED}, BWD_GEMMS={kx.BWD_GEMMS!r}, "
-          f"PLAN={kx.PLAN!r}, router DW_SPLIT_ROWS={kr.DW_SPLIT_ROWS} DX_TILES={kr.DX_TILES}, "
-          f"{kx.CONFIGS}\n")
-    main_table(peak)
-    if args.variants:
+          f"FWD_ROWS={kx.FWD_ROWS!r}, FWD_GEMMS={kx.FWD_GEMMS!r}, TMA_GEMMS={kx.TMA_GEMMS}, "
+          f"PLAN={kx.PLAN!r}, router PRESPLIT={kr.PRESPLIT} tiles "
+          f"{(kr.MM_BLOCK_M, kr.MM_BLOCK_N, kr.MM_WARPS)} DW_SPLIT_ROWS={kr.DW_SPLIT_ROWS} "
+          f"DX_TILES={kr.DX_TILES}, {kx.CONFIGS}\n")
+    if not args.variants_only:
+        main_table(peak)
+    if args.variants or args.variants_only:
         # benchmarks/ is on sys.path when this file runs as a script
         from moe_variants import variant_table
 
-        variant_table(peak)
+        variant_table(peak, parts=args.parts)
+    print(f"\nbf16 matmul peak again at the end of the run: {matmul_peak():.0f} TFLOP/s")
 
 
 if __name__ == "__main__":

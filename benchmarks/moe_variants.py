@@ -6,6 +6,7 @@ helpers this uses; the results are in benchmarks/results/moe.md ("Switchable pat
 from __future__ import annotations
 
 import contextlib
+import statistics
 import sys
 
 import torch
@@ -32,21 +33,29 @@ from ring_rl.kernels.moe import triton_experts as kx
 from ring_rl.kernels.moe import triton_experts_bwd as kb
 from ring_rl.kernels.moe import triton_router as kr
 
-# Block variants: module constants -> value. The first is the path the results file timed
-# (and the constants' defaults); BWD_GEMMS is explained in triton_experts.py.
+# Block variants: module constants -> value, each applied on top of BASE (the committed
+# configuration before this round, H100 run of 2026-11-23, except that the router's dx is
+# now rounded to bf16 in its kernel and the G GEMM reads the dy rows copied for the dW
+# GEMMs: both always on). The names are explained in triton_experts.py (BWD_GEMMS, FWD_ROWS,
+# FWD_GEMMS, TMA_GEMMS, PLAN) and triton_router.py (PRESPLIT, MM_*, DW_SPLIT_ROWS).
+BASE = {"BWD_GEMMS": "gmm_dw", "PLAN": "triton", "DW_SPLIT_ROWS": 2048, "PRESPLIT": False,
+        "FWD_ROWS": "gather", "TMA_GEMMS": (), "FWD_GEMMS": "triton",
+        "MM_BLOCK_M": 64, "MM_BLOCK_N": 128, "MM_WARPS": 4}
+ROUTER = {"PRESPLIT": True, "MM_BLOCK_M": 128, "MM_WARPS": 8}
+NEW = {**ROUTER, "TMA_GEMMS": ("gate_up", "down", "dx")}
 VARIANTS = [
-    ("default: x, dy rows sorted by gather_rows, dW grouped_mm; Triton plan, router dW split",
-     {"BWD_GEMMS": "gmm_dw", "PLAN": "triton", "DW_SPLIT_ROWS": 2048}),
-    ("all-Triton backward, torch plan, router dW unsplit (the defaults before)",
-     {"BWD_GEMMS": "triton", "PLAN": "torch", "DW_SPLIT_ROWS": 0}),
-    ("all-Triton backward; Triton plan, router dW split",
-     {"BWD_GEMMS": "triton", "PLAN": "triton", "DW_SPLIT_ROWS": 2048}),
-    ("gmm_dw_dx: as the default, and dx grouped_mm",
-     {"BWD_GEMMS": "gmm_dw_dx", "PLAN": "triton", "DW_SPLIT_ROWS": 2048}),
-    ("gmm_all: as gmm_dw_dx, and G grouped_mm",
-     {"BWD_GEMMS": "gmm_all", "PLAN": "triton", "DW_SPLIT_ROWS": 2048}),
+    ("before: pointer GEMMs, router split in every program, 64x128 router tiles", {}),
+    ("router pre-split, 128x128 tiles; pointer GEMMs", ROUTER),
+    ("default: router pre-split + TMA down and dx", NEW),
+    ("default + x rows sorted in the forward and kept (TMA gate-up)",
+     {**NEW, "FWD_ROWS": "sorted"}),
+    ("default + grouped_mm forward (sorted x kept)",
+     {**NEW, "FWD_ROWS": "sorted", "FWD_GEMMS": "gmm"}),
 ]
-SETTING_MODULE = {"BWD_GEMMS": kx, "PLAN": kx, "DW_SPLIT_ROWS": kr}
+ROUNDS = 3      # the variants are timed in turn, ROUNDS times over; the median is reported
+SETTING_MODULE = {"BWD_GEMMS": kx, "PLAN": kx, "FWD_ROWS": kx, "TMA_GEMMS": kx,
+                  "FWD_GEMMS": kx, "DW_SPLIT_ROWS": kr, "PRESPLIT": kr, "MM_BLOCK_M": kr,
+                  "MM_BLOCK_N": kr, "MM_WARPS": kr}
 
 
 @contextlib.contextmanager
@@ -61,40 +70,50 @@ def configured(settings):
             setattr(SETTING_MODULE[k], k, v)
 
 
-def variant_table(peak):
+def variant_table(peak, parts=False):
     x, gate, bias, wgu, wd, dy = make_inputs()
 
     def fn():
         return block(x, gate, bias, wgu, wd)
 
     target = 3 * FLOPS_FWD / (0.5 * peak * 1e12) * 1e3
-    print(f"\n## Variants (same inputs; 50% of peak = {target:.2f} ms fwd+bwd)\n")
-    print("| op | fwd ms | fwd TFLOP/s (% peak) | fwd+bwd ms | fwd+bwd TFLOP/s (% peak) | note |")
-    print("|---|---|---|---|---|---|")
+    times = {name: ([], []) for name, _ in VARIANTS}
+    failed = {}
+    for _ in range(ROUNDS):       # interleaved: clock drift hits every variant alike
+        for name, change in VARIANTS:
+            if name in failed:
+                continue
+            with configured({**BASE, **change}):
+                try:
+                    times[name][0].append(bench(fn))
+                    times[name][1].append(bench(fwd_bwd(fn, (x, gate, wgu, wd), dy)))
+                except Exception as exc:  # noqa: BLE001 - report, keep the other rows
+                    failed[name] = f"; failed: {exc!r:.120}"
+    print(f"\n## Variants (same inputs; median of {ROUNDS} interleaved rounds; 50% of peak = "
+          f"{target:.2f} ms fwd+bwd)\n")
+    print("| op | fwd ms | fwd TFLOP/s (% peak) | fwd+bwd ms | fwd+bwd TFLOP/s (% peak) | "
+          "fwd+bwd ms, each round | note |")
+    print("|---|---|---|---|---|---|---|")
     done = []
-    for name, settings in VARIANTS:
-        note = ", ".join(f"{k}={v!r}" for k, v in settings.items())
-        fwd = fb = None
-        with configured(settings):
-            try:
-                fwd = bench(fn)
-                fb = bench(fwd_bwd(fn, (x, gate, wgu, wd), dy))
-                done.append((fb, name, note))
-            except Exception as exc:  # noqa: BLE001 - report, keep the other rows
-                note += f"; failed: {exc!r:.120}"
-        print(row(f"block, {name}", fwd, fb, peak, note))
-        sys.stdout.flush()
+    for name, change in VARIANTS:
+        note = (", ".join(f"{k}={v!r}" for k, v in change.items()) or "BASE")
+        fwd, fb = (statistics.median(t) if t else None for t in times[name])
+        rounds = " / ".join(f"{t:.3f}" for t in times[name][1])
+        line = row(f"block, {name}", fwd, fb, peak, note + failed.get(name, ""))
+        print(line.replace(f" | {note}", f" | {rounds} | {note}", 1))
+        if fb is not None:
+            done.append((fb, name, note))
     if done:
         fb, name, note = min(done)
         print(f"\nfastest block fwd+bwd: {fb:.3f} ms ({300 * FLOPS_FWD / (fb * 1e9) / peak:.1f}% "
               f"of peak, target <= {target:.2f} ms): {name} -- {note}")
-    part_table(peak, x, gate, bias, wgu, wd, dy)
-    if done:
-        try:
-            with configured(dict(VARIANTS)[name]):
-                kernel_profile(fwd_bwd(fn, (x, gate, wgu, wd), dy), f"fastest variant ({name})")
-        except Exception as exc:  # noqa: BLE001 - e.g. no CUPTI: the tables above stand
-            print(f"\n(kernel profile failed: {exc!r:.120})")
+    if parts:
+        part_table(peak, x, gate, bias, wgu, wd, dy)
+    try:
+        with configured({**BASE, **dict(VARIANTS)[VARIANTS[2][0]]}):
+            kernel_profile(fwd_bwd(fn, (x, gate, wgu, wd), dy), f"the default ({VARIANTS[2][0]})")
+    except Exception as exc:  # noqa: BLE001 - e.g. no CUPTI: the tables above stand
+        print(f"\n(kernel profile failed: {exc!r:.120})")
 
 
 def kernel_profile(run, title, reps=3, rows=30):
@@ -160,30 +179,75 @@ def part_table(peak, x, gate, bias, wgu, wd, dy):
     for method in ("torch", "triton"):
         timed(peak, "plan: sort + tile schedule", method,
               lambda: kx.make_plan(ids, E).tiles(128), settings={"PLAN": method})
-    for splits in (1, 8):
-        timed(peak, "router dW = dl^T x (fp32 dl, 3 bf16 parts)", f"{splits} split(s)",
-              lambda s=splits: kr.matmul_fp32(dl.T, xd, tiles=(64, 64), splits=s))
-    for bm, bn, warps in ((64, 128, 4), (128, 128, 8), (128, 256, 8), (64, 256, 4)):
-        timed(peak, "router dx = dl W (fp32 operands: 3 bf16 dots)", f"DX_TILES={(bm, bn, warps)}",
-              lambda c=(bm, bn, warps): kr.matmul_fp32(dl, gd, False, tiles=c[:2], warps=c[2]))
+    router_parts(peak, xd, gd, dl)
     timed(peak, "combine, forward (weighted)", "Triton", lambda: kx.combine(o, wts, T))
-    timed(peak, "G = dy[tok] Wd", "Triton",
-          lambda: kx.row_gemm(dy, wdd, plan, False, cfg_g, gather_a=True, scatter_c=False), gemm)
-    timed(peak, "G = dy[tok] Wd", "grouped_mm on sorted dy", lambda: gmm(dys, wdd, offs=plan.ends),
-          gemm)
-    timed(peak, "x, dy rows sorted", "index_select",
-          lambda: (xd.index_select(0, plan.tokens), dy.index_select(0, plan.tokens)))
-    timed(peak, "x, dy rows sorted", "gather_rows (Triton)",
+    timed(peak, "x, dy rows sorted", "gather_rows (Triton), both",
           lambda: (kb.gather_rows(xd, plan), kb.gather_rows(dy, plan)))
+    timed(peak, "x rows sorted", "gather_rows (Triton)", lambda: kb.gather_rows(xd, plan))
+    # gate-up (2 GEMMs' worth of FLOPs), then the three row GEMMs, each engine alone
+    timed(peak, "gate-up + SwiGLU", "pointer, x rows gathered", lambda: kx.gate_up(xd, wgud, plan),
+          2 * gemm)
+    timed(peak, "gate-up + SwiGLU", "pointer, sorted x rows",
+          lambda: kx.gate_up(xs, wgud, plan, sorted_rows=True), 2 * gemm)
+    for cfg in ((128, 128, 64, 8, 3), (128, 128, 64, 8, 4), (128, 64, 64, 4, 4)):
+        timed(peak, "gate-up + SwiGLU", f"TMA, sorted x rows {cfg}",
+              lambda c=cfg: kt().gate_up(xs, wgud, plan, c), 2 * gemm)
+    timed(peak, "gate-up + SwiGLU", "grouped_mm on sorted x + swiglu_fwd",
+          lambda: kx.swiglu_fwd(gmm(xs, wgud.transpose(1, 2), offs=plan.ends)), 2 * gemm)
+    timed(peak, "SwiGLU forward alone (row-wise)", "Triton", lambda: kx.swiglu_fwd(gu))
+    row_gemm_parts(peak, "down: o[slot] = h Wd^T", h, wdd, plan, True, "down", True, gemm,
+                   lambda: kx.combine(gmm(h, wdd.transpose(1, 2), offs=plan.ends), wts, T,
+                                      row_map=plan.inverse), "grouped_mm + combine (inverse)")
+    timed(peak, "G = dy[tok] Wd", "pointer, dy rows gathered",
+          lambda: kx.row_gemm(dy, wdd, plan, False, cfg_g, gather_a=True, scatter_c=False), gemm)
+    row_gemm_parts(peak, "G = dy Wd (sorted dy rows)", dys, wdd, plan, False, "down_bwd", False,
+                   gemm, lambda: gmm(dys, wdd, offs=plan.ends), "grouped_mm")
     timed(peak, "SwiGLU backward (row-wise, after G)", "Triton",
           lambda: kb.swiglu_bwd(g_rows, gu, wts, plan))
-    timed(peak, "dx = combine(dgu Wgu)", "Triton",
+    row_gemm_parts(peak, "dx rows: dxs[slot] = dgu Wgu", dgu, wgud, plan, False, "dx", True,
+                   2 * gemm, lambda: gmm(dgu, wgud, offs=plan.ends), "grouped_mm (sorted)")
+    timed(peak, "combine, dx (unweighted)", "Triton",
           lambda: kx.combine(kx.row_gemm(dgu, wgud, plan, False, cfg_dx), None, T), 2 * gemm)
-    timed(peak, "dx = combine(dgu Wgu)", "grouped_mm, combine through the inverse",
-          lambda: kx.combine(gmm(dgu, wgud, offs=plan.ends), None, T, row_map=plan.inverse),
-          2 * gemm)
-    timed(peak, "dW GEMMs (dWgu + dWd)", "Triton",
-          lambda: (kb.wgrad(dgu, xd, plan, False, torch.bfloat16),
-                   kb.wgrad(dy, hw, plan, True, torch.bfloat16)), 3 * gemm)
     timed(peak, "dW GEMMs (dWgu + dWd)", "grouped_mm on sorted rows",
           lambda: (kb.grouped_wgrad(dgu, xs, plan), kb.grouped_wgrad(dys, hw, plan)), 3 * gemm)
+
+
+def kt():
+    from ring_rl.kernels.moe import triton_tma
+    return triton_tma
+
+
+def row_gemm_parts(peak, part, a, w, plan, transpose_w, name, scatter, flops, gmm_fn, gmm_name):
+    """One row GEMM on sorted A rows: the pointer kernel, TMA at a few tiles, grouped_mm."""
+    timed(peak, part, f"pointer {kx.CONFIGS[name]}",
+          lambda: kx.row_gemm(a, w, plan, transpose_w, kx.CONFIGS[name], scatter_c=scatter),
+          flops)
+    for cfg in ((128, 256, 64, 8, 3), (128, 256, 64, 8, 4), (128, 128, 64, 8, 4)):
+        timed(peak, part, f"TMA {cfg}",
+              lambda c=cfg: kt().row_gemm(a, w, plan, transpose_w, c, scatter), flops)
+    timed(peak, part, gmm_name, gmm_fn, flops)
+
+
+def router_parts(peak, xd, gd, dl):
+    """Router matmuls: the fp32 weight / dlogits split in every program or once (PRESPLIT),
+    the forward's fixed tiles, the backward's dx rounded to bf16 in the kernel."""
+    wp, dlp = kr.split_bf16(gd), kr.split_bf16(dl)
+    timed(peak, "router: split_bf16 of dlogits", "Triton", lambda: kr.split_bf16(dl))
+    for tiles, warps in (((64, 128), 4), ((128, 128), 8), ((64, 256), 8), ((128, 256), 8)):
+        timed(peak, "router fwd x W^T", f"in-kernel split {tiles} w{warps}",
+              lambda t=tiles, n=warps: kr.matmul_fp32(xd, gd.T, tiles=t, warps=n))
+        timed(peak, "router fwd x W^T", f"pre-split {tiles} w{warps}",
+              lambda t=tiles, n=warps: kr.matmul_fp32(xd, wp.transpose(1, 2), tiles=t, warps=n))
+    bm, bn, warps = kr.DX_TILES
+    timed(peak, "router dx = dl W (bf16 out)", f"in-kernel split {kr.DX_TILES}",
+          lambda: kr.matmul_fp32(dl, gd, False, tiles=(bm, bn), warps=warps,
+                                 out_dtype=torch.bfloat16))
+    timed(peak, "router dx = dl W (bf16 out)", f"pre-split {kr.DX_TILES}",
+          lambda: kr.matmul_fp32(dlp, wp, False, tiles=(bm, bn), warps=warps,
+                                 out_dtype=torch.bfloat16))
+    timed(peak, "router dx = dl W", "fp32 out + .to(bf16) (before)",
+          lambda: kr.matmul_fp32(dl, gd, False, tiles=(bm, bn), warps=warps).to(torch.bfloat16))
+    timed(peak, "router dW = dl^T x, 8 splits", "in-kernel split",
+          lambda: kr.matmul_fp32(dl.T, xd, tiles=(64, 64), splits=8))
+    timed(peak, "router dW = dl^T x, 8 splits", "pre-split",
+          lambda: kr.matmul_fp32(dlp.transpose(1, 2), xd, tiles=(64, 64), splits=8))

@@ -60,12 +60,12 @@ def test_router_logits_matches_reference(triton_mode, t, h, e):
 def test_router_logits_batch_invariant(triton_mode):
     """A row's logits are bitwise the same whatever the batch around it. On CPU the
     interpreter's tl.dot is numpy's BLAS, whose result for a row can depend on the row's
-    place inside the 64-row tile, so the slices here start on tile boundaries; the GPU test
-    (an FMA dot: each element is its own sequential fp32 sum) takes arbitrary slices."""
+    place inside the row tile (MM_BLOCK_M = 128 rows), so the slices here start on tile
+    boundaries; the GPU test takes arbitrary slices."""
     gen = torch.Generator().manual_seed(2)
     x, w = rnd(gen, 300, 48), rnd(gen, 16, 48, scale=0.2)
     full = router_logits(x, w)
-    for lo, hi in [(0, 1), (0, 7), (64, 65), (64, 128), (128, 300)]:
+    for lo, hi in [(0, 1), (0, 7), (128, 129), (128, 256), (256, 300)]:
         assert torch.equal(router_logits(x[lo:hi], w), full[lo:hi]), (lo, hi)
 
 
@@ -311,6 +311,94 @@ def test_gpu_experts_bf16(monkeypatch, t, fused, mode):
     assert idle.any()
     for name, g in zip(EXPERT_NAMES[3:], first[3:]):
         assert not g[idle].any(), f"{name}: idle experts got non-zero gradients"
+
+
+def mini_routing(t, seed, bias_scale=0.3):
+    """Skewed Ring-mini routing through the real router: (weights, ids) on the GPU."""
+    gen = torch.Generator().manual_seed(seed)
+    logits = rnd(gen, t, MINI["e"], device="cuda")
+    bias = rnd(gen, MINI["e"], scale=bias_scale, device="cuda")
+    return moe_route(logits, bias, MINI["k"], MINI["n_group"], MINI["topk_group"], 2.5)
+
+
+def set_paths(monkeypatch, row_gemm, **settings):
+    """row_gemm: "tma" (every row GEMM that can) or "pointer" (none); then module constants."""
+    tma = ("gate_up", "down", "dx", "down_bwd") if row_gemm == "tma" else ()
+    monkeypatch.setattr(triton_experts, "TMA_GEMMS", tma)
+    for name, value in settings.items():
+        monkeypatch.setattr(triton_experts, name, value)
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("fwd_rows,row_gemm,fwd_gemms,bwd", [
+    ("sorted", "tma", "triton", "gmm_dw"), ("gather", "tma", "triton", "gmm_dw"),
+    ("sorted", "tma", "triton", "triton"), ("sorted", "pointer", "gmm", "gmm_dw"),
+    ("sorted", "tma", "gmm", "gmm_dw")])
+def test_gpu_experts_sorted_rows_bf16(monkeypatch, fwd_rows, row_gemm, fwd_gemms, bwd):
+    """The forward's sorted x rows (FWD_ROWS), the TMA row GEMMs (TMA_GEMMS) and the
+    grouped_mm forward (FWD_GEMMS) at Ring-mini shapes in bf16, against the reference;
+    bitwise reruns; exact zero weight gradients for idle experts."""
+    if torch.cuda.get_device_capability()[0] != 9:
+        pytest.skip("TMA and the grouped_mm paths are checked on sm90")
+    set_paths(monkeypatch, row_gemm, FWD_ROWS=fwd_rows, FWD_GEMMS=fwd_gemms,
+              BWD_GEMMS=bwd, PLAN="triton", DOWN_BWD_FUSED=False)
+    t, h, e, inter, k = 2048, MINI["h"], MINI["e"], MINI["inter"], MINI["k"]
+    w, ids = mini_routing(t, seed=13)
+    x, _, _, wgu, wd, dy = expert_inputs(t, h, inter, e, k, seed=13, device="cuda",
+                                         dtype=torch.bfloat16, ids=ids.cpu())
+    inputs = (x, ids, w.detach().requires_grad_(), wgu, wd, dy)
+    first = check_experts(inputs, BF16_TOL)
+    again = run_experts(moe_experts, *inputs)
+    for name, a, b in zip(EXPERT_NAMES, first, again):
+        assert torch.equal(a, b), f"{name} not bitwise reproducible"
+    idle = torch.bincount(ids.reshape(-1), minlength=e) == 0
+    assert idle.any()
+    for name, g in zip(EXPERT_NAMES[3:], first[3:]):
+        assert not g[idle].any(), f"{name}: idle experts got non-zero gradients"
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("fwd_rows,row_gemm,fwd_gemms", [
+    ("gather", "pointer", "triton"), ("sorted", "tma", "triton"), ("sorted", "pointer", "gmm")])
+def test_gpu_experts_forward_batch_invariant(monkeypatch, fwd_rows, row_gemm, fwd_gemms):
+    """A token's output is bitwise the same in batches of 1 to 8192 tokens. 8192 tokens
+    (512 rows per expert on average) make CUTLASS's grouped GEMM take its 128x256 tile,
+    4096 and fewer its 64x128 one: the grouped_mm forward is only batch invariant if
+    those agree bit for bit."""
+    if fwd_gemms == "gmm" and torch.cuda.get_device_capability()[0] != 9:
+        pytest.skip("the grouped_mm forward runs on sm90 only")
+    set_paths(monkeypatch, row_gemm, FWD_ROWS=fwd_rows, FWD_GEMMS=fwd_gemms,
+              PLAN="triton")
+    t, h, e, inter, k = 8192, MINI["h"], MINI["e"], MINI["inter"], MINI["k"]
+    w, ids = mini_routing(t, seed=14, bias_scale=0.04)
+    x, _, _, wgu, wd, _ = expert_inputs(t, h, inter, e, k, seed=14, device="cuda",
+                                        dtype=torch.bfloat16, ids=ids.cpu())
+    with torch.no_grad():
+        full = moe_experts(x, ids, w, wgu, wd)
+        for lo, hi in [(0, 1), (5, 300), (4096, 8192)]:
+            part = moe_experts(x[lo:hi], ids[lo:hi], w[lo:hi], wgu, wd)
+            assert torch.equal(part, full[lo:hi]), (lo, hi)
+
+
+@gpu
+@pytest.mark.gpu
+def test_gpu_router_presplit_same_bits(monkeypatch):
+    """The gate weight (and dlogits) split into bf16 parts once per call (PRESPLIT) give the
+    same logits and gradients bitwise as the split inside every program."""
+    gen = torch.Generator().manual_seed(15)
+    t, h, e = 4096, MINI["h"], MINI["e"]
+    x = rnd(gen, t, h, device="cuda", dtype=torch.bfloat16).requires_grad_()
+    w = rnd(gen, e, h, scale=0.02, device="cuda").requires_grad_()
+    dl = rnd(gen, t, e, device="cuda")
+    runs = []
+    for presplit in (False, True):
+        monkeypatch.setattr(triton_router, "PRESPLIT", presplit)
+        logits = router_logits(x, w)
+        runs.append([logits.detach(), *torch.autograd.grad((logits * dl).sum(), (x, w))])
+    for name, a, b in zip(("logits", "dx", "dw"), *runs):
+        assert torch.equal(a, b), name
 
 
 @gpu

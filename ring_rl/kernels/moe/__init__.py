@@ -10,19 +10,20 @@ in `reference.py`. Dispatch (see `ring_rl.kernels.dispatch`): Triton on CUDA ten
 plain-PyTorch reference on CPU tensors (the experts as two padded batched GEMMs,
 `torch_padded.py`, unless routing is skewed or `RING_RL_KERNELS=reference`). The Triton path:
 - router_logits: an fp32-accurate Triton matmul (never TF32: IEEE FMA for fp32 x; for bf16
-  x the fp32 weight is split into 3 exact bf16 parts on the tensor cores) with fixed tiles
-  and no split-K, so a row's logits are bitwise the same whatever the batch
+  x the fp32 weight is split into 3 exact bf16 parts, once per call, for the tensor cores)
+  with fixed tiles and no split-K, so a row's logits are bitwise the same whatever the batch
   (`triton_router.py`); its backward reuses the same kernel.
 - moe_route: the selection runs in one Triton kernel, the weights in another with an analytic
   backward (`triton_router.py`); the weights are the same bits as the reference's (same fp32
   operations, same order), their gradient equal to fp32 rounding.
 - moe_experts: stable sort of the slots by expert (a Triton counting sort, or torch.sort:
   `triton_experts.PLAN`), then grouped Triton GEMMs with gathered rows and a fused SwiGLU
-  epilogue, and a per-token gather-combine (`triton_experts.py`, backward in
-  `triton_experts_bwd.py`). The forward never uses torch._grouped_mm (it needs a permuted copy
-  of x, and our fixed tiles keep the forward batch invariant); by default the backward's
-  weight gradients run through it on sm90 (`triton_experts.BWD_GEMMS`;
-  benchmarks/results/moe.md has the timings).
+  epilogue (TMA tile loads where the rows are in expert order: `triton_tma.py`), and a
+  per-token gather-combine (`triton_experts.py`, backward in `triton_experts_bwd.py`). By
+  default the forward does not use torch._grouped_mm (it needs a permuted copy of x, and our
+  fixed tiles keep the forward batch invariant by construction; `triton_experts.FWD_GEMMS`
+  switches it on); the backward's weight gradients run through it on sm90
+  (`triton_experts.BWD_GEMMS`; benchmarks/results/moe.md has the timings).
   No float atomics anywhere: every output element is written by one program, weight
   gradients are per-expert GEMMs over that expert's rows, and the per-token sums run in a
   fixed order -- so results are bitwise reproducible.
@@ -69,28 +70,32 @@ class RouterLogitsFunction(torch.autograd.Function):
         from ring_rl.kernels.moe import triton_router as k
 
         xc, wc = x.contiguous(), gate_weight.contiguous()
-        ctx.save_for_backward(xc, wc)
-        return k.matmul_fp32(xc, wc.T)
+        # bf16 x: W's bf16 parts once here (k.PRESPLIT), not in every program; same bits.
+        wp = k.split_bf16(wc) if k.PRESPLIT and xc.dtype == torch.bfloat16 else None
+        ctx.save_for_backward(xc, wc, wp)
+        return k.matmul_fp32(xc, wc.T if wp is None else wp.transpose(1, 2))
 
     @staticmethod
     def backward(ctx, dlogits):
         from ring_rl.kernels.moe import triton_router as k
 
-        x, w = ctx.saved_tensors
+        x, w, wp = ctx.saved_tensors
         dl = dlogits.float().contiguous()
-        # dx is rounded to x's dtype: below fp32, the bf16-split tensor-core product is
-        # plenty (and ~10x faster than the IEEE FMA dot).
+        dlp = k.split_bf16(dl) if wp is not None else None     # for dx and dW alike
+        # dx is rounded to x's dtype (in the kernel): below fp32, the bf16-split tensor-core
+        # product is plenty (and ~10x faster than the IEEE FMA dot).
         exact = x.dtype == torch.float32
         dx = None
         if ctx.needs_input_grad[0]:
             bm, bn, warps = k.DX_TILES
-            dx = k.matmul_fp32(dl, w, exact, tiles=(bm, bn), warps=warps).to(x.dtype)
+            dx = k.matmul_fp32(dl if dlp is None else dlp, w if wp is None else wp, exact,
+                               tiles=(bm, bn), warps=warps, out_dtype=x.dtype)
         # dW = dl^T x reduces over the tokens and has few outputs (E x H): small tiles and a
         # deterministic split over the tokens give enough programs (triton_router.dw_splits).
         dw = None
         if ctx.needs_input_grad[1]:
-            dw = k.matmul_fp32(dl.T, x, tiles=(64, 64),
-                               splits=k.dw_splits(x.shape[0])).to(w.dtype)
+            dw = k.matmul_fp32(dl.T if dlp is None else dlp.transpose(1, 2), x, tiles=(64, 64),
+                               splits=k.dw_splits(x.shape[0]), warps=4).to(w.dtype)
         return dx, dw
 
 
@@ -109,8 +114,8 @@ class MoEExpertsFunction(torch.autograd.Function):
         w_gate_up = w_gate_up.to(x.dtype).contiguous()
         w_down = w_down.to(x.dtype).contiguous()
         wts = weights.float().contiguous()
-        y, gu = k.experts_fwd(x, wts, w_gate_up, w_down, plan)
-        ctx.save_for_backward(x, wts, w_gate_up, w_down, gu)
+        y, gu, xs = k.experts_fwd(x, wts, w_gate_up, w_down, plan)
+        ctx.save_for_backward(x, wts, w_gate_up, w_down, gu, xs)
         ctx.plan, ctx.weights_dtype = plan, weights.dtype
         return y
 
@@ -118,9 +123,9 @@ class MoEExpertsFunction(torch.autograd.Function):
     def backward(ctx, dy):
         from ring_rl.kernels.moe import triton_experts_bwd as k
 
-        x, wts, w_gate_up, w_down, gu = ctx.saved_tensors
-        dx, dwts, dwgu, dwd = k.experts_bwd(dy.contiguous(), x, wts, w_gate_up, w_down, gu,
-                                            ctx.plan, ctx.needs_input_grad)
+        x, wts, w_gate_up, w_down, gu, xs = ctx.saved_tensors
+        dx, dwts, dwgu, dwd = k.experts_bwd(dy.contiguous(), x, xs, wts, w_gate_up, w_down,
+                                            gu, ctx.plan, ctx.needs_input_grad)
         if dwts is not None:
             dwts = dwts.to(ctx.weights_dtype)
         if dwgu is not None:

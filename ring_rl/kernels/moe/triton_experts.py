@@ -5,18 +5,23 @@ positions in that order, expert e owning rows offsets[e]:offsets[e+1]. A row-GEM
 owns one tile of BLOCK_M rows of a single expert (a per-tile schedule: tile -> expert, first
 row; no padding copies) and one BLOCK_N column block. Rows read the token activations through
 the token index (gather in the load) and write slot-ordered outputs through the slot index
-(scatter in the store), so these kernels never make a permuted copy of x or of the outputs.
+(scatter in the store), so these kernels need no permuted copy of x or of the outputs. Where
+the A rows are in expert order anyway (h, dgu, copied x / dy rows) the GEMMs named in
+TMA_GEMMS load their tiles through TMA instead (triton_tma.py).
 
 Forward:  gu, h = gate_up(x[tok]) (+ SwiGLU epilogue)  -> o[slot] = h @ Wd^T -> y = combine(o, w)
-Backward (triton_experts_bwd.py): G = dy[tok] @ Wd, then the SwiGLU backward (dgu, hw = w*h
+Backward (triton_experts_bwd.py): G = dy[tok] @ Wd (on the copied dy rows where there are
+          some), then the SwiGLU backward (dgu, hw = w*h
           and the routing-weight gradient sum(G*h)); dxs[slot] = dgu @ Wgu, dx = combine(dxs);
           dWd_e = dy[tok]^T @ hw, dWgu_e = dgu^T @ x[tok] (per expert).
-Saved for the backward: x, the weights and gu [T*k, 2I] (h is recomputed from gu).
+Saved for the backward: x, the weights and gu [T*k, 2I] (h is recomputed from gu), and with
+FWD_ROWS="sorted" x's rows in expert order.
 Determinism: every output element is written by exactly one program, weight gradients loop
 over the expert's rows in order (no split-K), per-token sums run j = 0..k-1: no atomics.
 The backward's GEMMs can also run through torch._grouped_mm (BWD_GEMMS, see
 triton_experts_bwd.py), on x and dy rows copied in expert order; by default the weight
-gradients do. The forward always runs these kernels (batch invariance: fixed tiles).
+gradients do. By default the forward runs these kernels (batch invariance: fixed tiles);
+FWD_GEMMS="gmm" runs it through torch._grouped_mm (see there).
 """
 from __future__ import annotations
 
@@ -40,6 +45,12 @@ CONFIGS = {
     "wgrad": (128, 128, 64, 8, 3),       # per-expert A^T @ B over the expert's rows
     "combine": (16, 256, 0, 4, 1),       # (tokens, hidden) tile of the per-token sum
     "gather_rows": (8, 1024, 0, 4, 1),   # (rows, columns) tile of the sorted-row copy
+    "swiglu_fwd": (8, 0, 0, 8, 1),       # rows per program of h = silu(g) * u (FWD_GEMMS gmm)
+    # TMA kernels (triton_tma.py) on rows already in expert order
+    "gate_up_tma": (128, 128, 64, 8, 4),
+    "down_tma": (128, 256, 64, 8, 3),
+    "down_bwd_tma": (128, 256, 64, 8, 3),   # G = dy rows (sorted) @ Wd
+    "dx_tma": (128, 256, 64, 8, 3),
 }
 LAUNCHED = {}   # the last compiled kernel of each launcher (register / spill counts)
 
@@ -61,6 +72,27 @@ DOWN_BWD_FUSED = False
 # gmm_dw is the fastest block on an H100 (the weight gradients 1.89 ms vs 2.63 in Triton,
 # for 0.66 ms of row copies).
 BWD_GEMMS = "gmm_dw"
+# Rows of x in the forward: "gather" (the gate-up GEMM reads x[tok] in its loads; the
+# backward copies them in expert order where its grouped_mm GEMMs need them) or "sorted"
+# (gather_rows copies them once in the forward and they are saved for the backward: no copy
+# there, and the gate-up can run on contiguous rows (TMA, grouped_mm) -- at the price of
+# T*k*H elements of saved activations, k times x: 512 MiB at 16K tokens, Ring-mini shapes;
+# the block fwd+bwd 6.98 vs 7.15 ms on an H200, benchmarks/results/moe.md: not worth it).
+FWD_ROWS = "gather"
+# The forward GEMMs: "triton" (ours) or "gmm" (torch._grouped_mm on the sorted x rows, then
+# a row-wise SwiGLU on the bf16-rounded gate/up outputs, and the down projection; needs
+# sorted rows, so it implies FWD_ROWS="sorted"). CUTLASS picks its tile from the average
+# rows per expert, so batch invariance of this path rests on its per-element sums not
+# depending on the tile (checked by the GPU tests, not guaranteed).
+FWD_GEMMS = "triton"
+# The row GEMMs that run through TMA (triton_tma.py, Hopper and later) when their A rows
+# are already in expert order: "gate_up" (with FWD_ROWS="sorted"), "down" (h), "dx" (dgu),
+# "down_bwd" (G, on the dy rows copied for the dW GEMMs). The others -- and these where TMA
+# cannot take the shapes -- run the pointer kernels here, on the sorted rows where there
+# are some. At Ring-mini shapes on an H200 (benchmarks/results/moe.md): gate-up 1.13 vs
+# 1.28 ms, down 0.67 vs 0.73, dx 1.13 vs 1.18; G is faster in the pointer kernel on sorted
+# rows (0.47, TMA 0.53; 0.54 with the rows gathered in its loads).
+TMA_GEMMS = ("gate_up", "down", "dx")
 # Expert plan: "torch" (torch.sort + small ops) or "triton" (counting sort, triton_plan.py:
 # 0.18 vs 0.48 ms at Ring-mini shapes, the same permutation bitwise).
 PLAN = "triton"
@@ -177,17 +209,46 @@ def _mainloop(a_ptr, a_rows, rmask, stride_a, b_ptr, cols, cmask, stride_bk, str
 
 
 @triton.jit
+def _swiglu_store(g, u, gu_ptr, h_ptr, rows, rmask, cols, cmask, I):
+    """Gate-up epilogue: gu[rows] = [g, u] (kept for the backward), h = silu(g) * u from the
+    fp32 accumulators, both in h's dtype."""
+    dt = h_ptr.dtype.element_ty
+    r64 = rows.to(tl.int64)[:, None]
+    omask = rmask[:, None] & cmask[None, :]
+    tl.store(gu_ptr + r64 * (2 * I) + cols[None, :], g.to(dt), mask=omask)
+    tl.store(gu_ptr + r64 * (2 * I) + I + cols[None, :], u.to(dt), mask=omask)
+    silu = g / (1.0 + tl.exp(-g))                 # (tl.sigmoid is a jit call: slow on CPU)
+    tl.store(h_ptr + r64 * I + cols[None, :], (silu * u).to(dt), mask=omask)
+
+
+@triton.jit
+def _store_rows(c_ptr, acc, rows, rmask, cols, cmask, N, slot_ptr, SCATTER_C: tl.constexpr):
+    """C row r <- acc row (in C's dtype), at slot[r] (SCATTER_C: slot order) or at r."""
+    if SCATTER_C:
+        c_rows = tl.load(slot_ptr + rows, mask=rmask, other=0).to(tl.int64)
+    else:
+        c_rows = rows.to(tl.int64)
+    tl.store(c_ptr + c_rows[:, None] * N + cols[None, :], acc.to(c_ptr.dtype.element_ty),
+             mask=rmask[:, None] & cmask[None, :])
+
+
+@triton.jit
 def _gate_up_kernel(x_ptr, w_ptr, gu_ptr, h_ptr, tok_ptr, tile_e_ptr, tile_row_ptr, offs_ptr,
-                    H, I, E, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                    BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, PREC: tl.constexpr):
-    """gu[rows] = x[tok] @ [Wg; Wu]_e^T (stored, for the backward); h = silu(g) * u."""
+                    H, I, E, n_rows, GATHER_A: tl.constexpr, BLOCK_M: tl.constexpr,
+                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
+                    PREC: tl.constexpr):
+    """gu[rows] = x[tok] @ [Wg; Wu]_e^T (stored, for the backward); h = silu(g) * u.
+    GATHER_A: x is [T, H], row r read at tok[r]; else x holds the rows in expert order."""
     num_n = (I + BLOCK_N - 1) // BLOCK_N
     pid_m = tl.program_id(0) // num_n
     pid_n = tl.program_id(0) % num_n
     e, rows, rmask = _tile(tile_e_ptr, tile_row_ptr, offs_ptr, pid_m, E, BLOCK_M)
     if e >= E:
         return
-    tok = tl.load(tok_ptr + rows, mask=rmask, other=0).to(tl.int64)
+    if GATHER_A:
+        tok = tl.load(tok_ptr + rows, mask=rmask, other=0).to(tl.int64)
+    else:
+        tok = tl.minimum(rows, n_rows - 1).to(tl.int64)     # in bounds; masked rows unused
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     cmask = cols < I
     # B element (k, n) of the gate block is Wg_e[n, k] (row n of gate_proj): at n*H + k.
@@ -210,13 +271,7 @@ def _gate_up_kernel(x_ptr, w_ptr, gu_ptr, h_ptr, tok_ptr, tile_e_ptr, tile_row_p
         u = tl.dot(a, bu, u, input_precision=PREC)
         a_ptrs += BLOCK_K
         bg_ptrs += BLOCK_K
-    dt = h_ptr.dtype.element_ty
-    r64 = rows.to(tl.int64)[:, None]
-    omask = rmask[:, None] & cmask[None, :]
-    tl.store(gu_ptr + r64 * (2 * I) + cols[None, :], g.to(dt), mask=omask)
-    tl.store(gu_ptr + r64 * (2 * I) + I + cols[None, :], u.to(dt), mask=omask)
-    silu = g / (1.0 + tl.exp(-g))                 # (tl.sigmoid is a jit call: slow on CPU)
-    tl.store(h_ptr + r64 * I + cols[None, :], (silu * u).to(dt), mask=omask)
+    _swiglu_store(g, u, gu_ptr, h_ptr, rows, rmask, cols, cmask, I)
 
 
 @triton.jit
@@ -242,12 +297,36 @@ def _row_gemm_kernel(a_ptr, b_ptr, c_ptr, tok_ptr, slot_ptr, tile_e_ptr, tile_ro
     b_e = b_ptr + e.to(tl.int64) * stride_be
     acc = _mainloop(a_ptr, a_rows, rmask, stride_a, b_e, cols, cmask, stride_bk, stride_bn,
                     K, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, PREC)
-    if SCATTER_C:
-        c_rows = tl.load(slot_ptr + rows, mask=rmask, other=0).to(tl.int64)
-    else:
-        c_rows = rows.to(tl.int64)
-    tl.store(c_ptr + c_rows[:, None] * N + cols[None, :], acc.to(c_ptr.dtype.element_ty),
-             mask=rmask[:, None] & cmask[None, :])
+    _store_rows(c_ptr, acc, rows, rmask, cols, cmask, N, slot_ptr, SCATTER_C)
+
+
+@triton.jit
+def _swiglu_fwd_kernel(gu_ptr, h_ptr, n_rows, I, BLOCK_R: tl.constexpr, BLOCK_I: tl.constexpr):
+    """h = silu(g) * u row-wise from the stored gu (FWD_GEMMS="gmm": gu is already rounded
+    to its dtype here, where the Triton gate-up uses its fp32 accumulators)."""
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = tl.arange(0, BLOCK_I)
+    mask = (rows < n_rows)[:, None] & (cols < I)[None, :]
+    r64 = rows.to(tl.int64)[:, None]
+    g = tl.load(gu_ptr + r64 * (2 * I) + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(gu_ptr + r64 * (2 * I) + I + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    silu = g / (1.0 + tl.exp(-g))
+    tl.store(h_ptr + r64 * I + cols[None, :], (silu * u).to(h_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _gather_rows_kernel(src_ptr, idx_ptr, dst_ptr, n_rows, W, BLOCK_R: tl.constexpr,
+                        BLOCK_W: tl.constexpr):
+    """dst[r] = src[idx[r]] (rows of width W, contiguous)."""
+    r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    rmask = r < n_rows
+    src = tl.load(idx_ptr + r, mask=rmask, other=0).to(tl.int64)
+    r64 = r.to(tl.int64)
+    for c0 in range(0, W, BLOCK_W):
+        c = c0 + tl.arange(0, BLOCK_W)
+        m = rmask[:, None] & (c < W)[None, :]
+        v = tl.load(src_ptr + src[:, None] * W + c[None, :], mask=m)
+        tl.store(dst_ptr + r64[:, None] * W + c[None, :], v, mask=m)
 
 
 @triton.jit
@@ -280,8 +359,13 @@ def _prec(t: torch.Tensor) -> str:
     return "ieee" if t.dtype == torch.float32 else "tf32"   # fp32 stays fp32 (no TF32)
 
 
-def gate_up(x, w_gate_up, plan: ExpertPlan, cfg=None):
-    """(gu [N, 2I], h [N, I]) in x.dtype, sorted-row order."""
+def gate_up(x, w_gate_up, plan: ExpertPlan, cfg=None, sorted_rows=False):
+    """(gu [N, 2I], h [N, I]) in x.dtype, sorted-row order. x: [T, H] (rows gathered by
+    token) or, with sorted_rows, [N, H] already in expert order (then TMA where TMA_GEMMS
+    asks for it and it can run)."""
+    if sorted_rows and _use_tma("gate_up", x, w_gate_up, k_major=True):
+        from ring_rl.kernels.moe import triton_tma
+        return triton_tma.gate_up(x, w_gate_up, plan, cfg)
     bm, bn, bk, warps, stages = cfg or CONFIGS["gate_up"]
     stages = fit_stages(bm, bn, bk, stages, x.dtype, b_tiles=2)
     e, two_i, hid = w_gate_up.shape
@@ -291,10 +375,28 @@ def gate_up(x, w_gate_up, plan: ExpertPlan, cfg=None):
     te, tr = plan.tiles(bm)
     grid = (te.numel() * triton.cdiv(inter, bn),)
     LAUNCHED["gate_up"] = _gate_up_kernel[grid](
-        x, w_gate_up, gu, h, plan.tokens, te, tr, plan.offsets, hid, inter, e, BLOCK_M=bm,
-        BLOCK_N=bn, BLOCK_K=bk, EVEN_K=hid % bk == 0, PREC=_prec(x), num_warps=warps,
-        num_stages=stages)
+        x, w_gate_up, gu, h, plan.tokens, te, tr, plan.offsets, hid, inter, e,
+        plan.num_rows, GATHER_A=not sorted_rows, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
+        EVEN_K=hid % bk == 0, PREC=_prec(x), num_warps=warps, num_stages=stages)
     return gu, h
+
+
+def _use_tma(name: str, a, w, k_major: bool) -> bool:
+    """Whether TMA_GEMMS asks for TMA for this GEMM and the TMA kernels can take a [N, K] A
+    and the expert weights w (see triton_tma.tma_ok)."""
+    if name not in TMA_GEMMS:
+        return False
+    from ring_rl.kernels.moe import triton_tma
+    return triton_tma.tma_ok(a, w, CONFIGS[name + "_tma"][2], k_major)
+
+
+def sorted_gemm(a, w, plan: ExpertPlan, transpose_w: bool, name: str, scatter_c=True):
+    """row_gemm on A rows already in expert order (a [N, K]), with CONFIGS[name]: through
+    TMA (CONFIGS[name + '_tma']) where TMA_GEMMS asks for it and it can run."""
+    if _use_tma(name, a, w, k_major=transpose_w):
+        from ring_rl.kernels.moe import triton_tma
+        return triton_tma.row_gemm(a, w, plan, transpose_w, CONFIGS[name + "_tma"], scatter_c)
+    return row_gemm(a, w, plan, transpose_w, CONFIGS[name], scatter_c=scatter_c)
 
 
 def row_gemm(a, w, plan: ExpertPlan, transpose_w: bool, cfg, gather_a=False, scatter_c=True):
@@ -332,9 +434,56 @@ def combine(o, wts, num_tokens: int, cfg=None, row_map=None):
     return y
 
 
-def experts_fwd(x, wts, w_gate_up, w_down, plan: ExpertPlan):
-    """(y [T, H], gu [N, 2I] saved for the backward)."""
-    gu, h = gate_up(x, w_gate_up, plan)
-    o = row_gemm(h, w_down, plan, transpose_w=True, cfg=CONFIGS["down"])
-    return combine(o, wts, plan.num_tokens), gu
+def gather_rows(src: torch.Tensor, plan: ExpertPlan) -> torch.Tensor:
+    """src[tok] [N, W]: the token rows of src [T, W] in expert (sorted-row) order."""
+    src = src.contiguous()
+    out = torch.empty(plan.num_rows, src.shape[1], device=src.device, dtype=src.dtype)
+    br, bw, _, warps, _ = CONFIGS["gather_rows"]
+    _gather_rows_kernel[(triton.cdiv(plan.num_rows, br),)](
+        src, plan.tokens, out, plan.num_rows, src.shape[1], BLOCK_R=br,
+        BLOCK_W=min(bw, triton.next_power_of_2(src.shape[1])), num_warps=warps)
+    return out
 
+
+def swiglu_fwd(gu: torch.Tensor) -> torch.Tensor:
+    """h [N, I] = silu(g) * u from gu [N, 2I] (rows of any order)."""
+    n, inter = gu.shape[0], gu.shape[1] // 2
+    h = torch.empty(n, inter, device=gu.device, dtype=gu.dtype)
+    br, _, _, warps, _ = CONFIGS["swiglu_fwd"]
+    _swiglu_fwd_kernel[(triton.cdiv(n, br),)](gu, h, n, inter, BLOCK_R=br,
+                                              BLOCK_I=triton.next_power_of_2(inter),
+                                              num_warps=warps)
+    return h
+
+
+def grouped_mm_ok(x: torch.Tensor, *widths: int) -> bool:
+    """Whether torch._grouped_mm can take these operands: CUTLASS needs bf16 on sm90 (on
+    sm100 empty groups are not zeroed: pytorch issue 172439; elsewhere torch runs a slow
+    per-group loop with a host sync) and 16-byte rows. CPU: torch's loop (tests)."""
+    if not hasattr(torch, "_grouped_mm"):
+        return False
+    if x.is_cuda and (x.dtype != torch.bfloat16
+                      or torch.cuda.get_device_capability(x.device)[0] != 9):
+        return False
+    align = 16 // x.element_size()
+    return all(w % align == 0 for w in widths)
+
+
+def experts_fwd(x, wts, w_gate_up, w_down, plan: ExpertPlan):
+    """(y [T, H], gu [N, 2I], xs [N, H] or None): gu, and x's rows in expert order when
+    the forward made them (FWD_ROWS / FWD_GEMMS), are saved for the backward."""
+    if FWD_ROWS not in ("gather", "sorted") or FWD_GEMMS not in ("triton", "gmm"):
+        raise ValueError(f"triton_experts: FWD_ROWS={FWD_ROWS!r} (gather or sorted), "
+                         f"FWD_GEMMS={FWD_GEMMS!r} (triton or gmm)")
+    gmm = FWD_GEMMS == "gmm" and grouped_mm_ok(x, x.shape[1], w_down.shape[2])
+    xs = gather_rows(x, plan) if FWD_ROWS == "sorted" or gmm else None
+    if gmm:
+        gu = torch._grouped_mm(xs, w_gate_up.transpose(1, 2), offs=plan.ends)
+        o = torch._grouped_mm(swiglu_fwd(gu), w_down.transpose(1, 2), offs=plan.ends)
+        return combine(o, wts, plan.num_tokens, row_map=plan.inverse), gu, xs
+    if xs is None:
+        gu, h = gate_up(x, w_gate_up, plan)
+    else:
+        gu, h = gate_up(xs, w_gate_up, plan, sorted_rows=True)
+    o = sorted_gemm(h, w_down, plan, transpose_w=True, name="down")
+    return combine(o, wts, plan.num_tokens), gu, xs

@@ -34,7 +34,10 @@ from ring_rl.kernels.moe.triton_experts import (
     _prec,
     _tile,
     combine,
+    gather_rows,
+    grouped_mm_ok,
     row_gemm,
+    sorted_gemm,
 )
 
 
@@ -153,32 +156,6 @@ def _swiglu_bwd_kernel(gd_ptr, gu_ptr, wts_ptr, slot_ptr, dgu_ptr, hw_ptr, dw_pt
     tl.store(hw_ptr + r64 * I + cols[None, :], (w * h).to(dt), mask=mask)
 
 
-@triton.jit
-def _gather_rows_kernel(src_ptr, idx_ptr, dst_ptr, n_rows, W, BLOCK_R: tl.constexpr,
-                        BLOCK_W: tl.constexpr):
-    """dst[r] = src[idx[r]] (rows of width W, contiguous)."""
-    r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    rmask = r < n_rows
-    src = tl.load(idx_ptr + r, mask=rmask, other=0).to(tl.int64)
-    r64 = r.to(tl.int64)
-    for c0 in range(0, W, BLOCK_W):
-        c = c0 + tl.arange(0, BLOCK_W)
-        m = rmask[:, None] & (c < W)[None, :]
-        v = tl.load(src_ptr + src[:, None] * W + c[None, :], mask=m)
-        tl.store(dst_ptr + r64[:, None] * W + c[None, :], v, mask=m)
-
-
-def gather_rows(src: torch.Tensor, plan: ExpertPlan) -> torch.Tensor:
-    """src[tok] [N, W]: the token rows of src [T, W] in expert (sorted-row) order."""
-    src = src.contiguous()
-    out = torch.empty(plan.num_rows, src.shape[1], device=src.device, dtype=src.dtype)
-    br, bw, _, warps, _ = CONFIGS["gather_rows"]
-    _gather_rows_kernel[(triton.cdiv(plan.num_rows, br),)](
-        src, plan.tokens, out, plan.num_rows, src.shape[1], BLOCK_R=br,
-        BLOCK_W=min(bw, triton.next_power_of_2(src.shape[1])), num_warps=warps)
-    return out
-
-
 def swiglu_bwd(gd, gu, wts, plan: ExpertPlan):
     """(dgu [N, 2I], hw [N, I], dweights [T*k] fp32) from G [N, I] (the unfused path)."""
     n, inter = plan.num_rows, gu.shape[1] // 2
@@ -219,39 +196,31 @@ def down_bwd(dy, w_down, gu, wts, plan: ExpertPlan, fused=None, cfg=None):
     return dgu, hw, dwts
 
 
-def grouped_mm_ok(x: torch.Tensor, *widths: int) -> bool:
-    """Whether torch._grouped_mm can take these operands: CUTLASS needs bf16 on sm90 (on
-    sm100 empty groups are not zeroed: pytorch issue 172439; elsewhere torch runs a slow
-    per-group loop with a host sync) and 16-byte rows. CPU: torch's loop (tests)."""
-    if not hasattr(torch, "_grouped_mm"):
-        return False
-    if x.is_cuda and (x.dtype != torch.bfloat16
-                      or torch.cuda.get_device_capability(x.device)[0] != 9):
-        return False
-    align = 16 // x.element_size()
-    return all(w % align == 0 for w in widths)
-
-
 def grouped_wgrad(a, b, plan: ExpertPlan):
     """[E, M, N]: per expert a_e^T b_e over its rows (a [N, M], b [N, N'] in sorted order)."""
     return torch._grouped_mm(a.t(), b, offs=plan.ends)
 
 
-def experts_bwd(dy, x, wts, w_gate_up, w_down, gu, plan: ExpertPlan, needs):
+def experts_bwd(dy, x, xs, wts, w_gate_up, w_down, gu, plan: ExpertPlan, needs):
     """(dx, dweights [T, k] fp32, dw_gate_up, dw_down); None where needs[i] is False.
-    fx.BWD_GEMMS picks the GEMM engines (see triton_experts.py)."""
+    xs: x's rows in expert order if the forward kept them, else None. fx.BWD_GEMMS picks the
+    GEMM engines, fx.TMA_GEMMS the kernels of the Triton ones (see triton_experts.py)."""
     mode = fx.BWD_GEMMS
     if mode not in ("triton", "gmm_dw", "gmm_dw_dx", "gmm_all"):
         raise ValueError(f"triton_experts.BWD_GEMMS={mode!r}: expected triton, gmm_dw, "
                          f"gmm_dw_dx or gmm_all")
     if mode != "triton" and not grouped_mm_ok(x, x.shape[1], gu.shape[1] // 2):
         mode = "triton"
-    xs = dys = None
+    dys = None
     if mode != "triton":
-        xs = gather_rows(x, plan) if needs[3] else None
+        if needs[3] and xs is None:
+            xs = gather_rows(x, plan)
         dys = gather_rows(dy, plan) if needs[4] or mode == "gmm_all" else None
     if mode == "gmm_all":
         gd = torch._grouped_mm(dys, w_down, offs=plan.ends)          # G [N, I], sorted
+        dgu, hw, dwts = swiglu_bwd(gd, gu, wts, plan)
+    elif dys is not None and not fx.DOWN_BWD_FUSED:     # G on the sorted rows: no gather
+        gd = sorted_gemm(dys, w_down, plan, transpose_w=False, name="down_bwd", scatter_c=False)
         dgu, hw, dwts = swiglu_bwd(gd, gu, wts, plan)
     else:
         dgu, hw, dwts = down_bwd(dy, w_down, gu, wts, plan)
@@ -261,12 +230,12 @@ def experts_bwd(dy, x, wts, w_gate_up, w_down, gu, plan: ExpertPlan, needs):
             dxs = torch._grouped_mm(dgu, w_gate_up, offs=plan.ends)   # sorted order
             dx = combine(dxs, None, plan.num_tokens, row_map=plan.inverse)
         else:
-            dxs = row_gemm(dgu, w_gate_up, plan, transpose_w=False, cfg=CONFIGS["dx"])
+            dxs = sorted_gemm(dgu, w_gate_up, plan, transpose_w=False, name="dx")
             dx = combine(dxs, None, plan.num_tokens)
     dwts = dwts.view(plan.num_tokens, plan.top_k) if needs[2] else None
     if needs[3]:
-        dwgu = (wgrad(dgu, x, plan, gather_a=False, out_dtype=w_gate_up.dtype) if xs is None
-                else grouped_wgrad(dgu, xs, plan))
+        dwgu = (wgrad(dgu, x, plan, gather_a=False, out_dtype=w_gate_up.dtype)
+                if mode == "triton" else grouped_wgrad(dgu, xs, plan))
     if needs[4]:
         dwd = (wgrad(dy, hw, plan, gather_a=True, out_dtype=w_down.dtype) if dys is None
                else grouped_wgrad(dys, hw, plan))

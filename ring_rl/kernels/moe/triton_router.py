@@ -6,7 +6,7 @@ Batch invariance (a token's logits and experts do not depend on the other tokens
   the same sequence of fp32 operations whatever M is. Never TF32: fp32 x fp32 is an IEEE
   FMA dot; with bf16 activations the fp32 weight is split into 3 exact bf16 parts on the
   tensor cores (fp32-accurate; 0.27 ms instead of 1.32 ms for the FMA dot at 16K x 2048 x
-  256 on an H100).
+  256 on an H100; 0.10 ms on an H200 with the parts split once per call, PRESPLIT).
 - `select_experts` works on one row at a time (rows are independent lanes of a block).
 The gate weight's gradient dl^T x reduces over the T tokens with only E x H outputs (128
 tiles: too few programs for 132 SMs, each looping over all tokens), so it is split over the
@@ -24,7 +24,13 @@ import triton
 import triton.language as tl
 
 # Fixed tiles for the router matmul (never chosen from the problem size: batch invariance).
-MM_BLOCK_M, MM_BLOCK_N, MM_BLOCK_K, MM_WARPS = 64, 128, 64, 4
+# Forward at Ring-mini shapes on an H200: 0.097 ms pre-split at (128, 128, 8 warps) against
+# 0.124 at (64, 128, 4) and 0.267 with the split in every program (benchmarks/results/moe.md).
+MM_BLOCK_M, MM_BLOCK_N, MM_BLOCK_K, MM_WARPS = 128, 128, 64, 8
+# bf16 activations: split the fp32 gate weight (and, in the backward, dlogits) into its bf16
+# parts once per call (`split_bf16`) instead of in every program of the matmul: the same
+# parts and dots, so the same bits; the backward's dx 0.118 vs 0.175 ms, dW 0.118 vs 0.154.
+PRESPLIT = True
 # Rows per program in the selection kernel.
 SELECT_BLOCK_T = 16
 # Gate-weight gradient: tokens per split of the reduction (0: no split) and the most splits.
@@ -49,16 +55,20 @@ def _bf16_split(v):
 
 @triton.jit
 def _matmul_fp32_kernel(a_ptr, b_ptr, c_ptr, M, N, K, K_SPLIT,
-                        stride_am, stride_ak, stride_bk, stride_bn,
-                        SPLIT_A: tl.constexpr, SPLIT_B: tl.constexpr, EXACT: tl.constexpr,
+                        stride_am, stride_ak, stride_bk, stride_bn, stride_ap, stride_bp,
+                        SPLIT_A: tl.constexpr, SPLIT_B: tl.constexpr, PRE_A: tl.constexpr,
+                        PRE_B: tl.constexpr, EXACT: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """C = A @ B in fp32. EXACT: IEEE fp32 FMA dot. Otherwise bf16 tensor-core dots: an fp32
     operand (SPLIT_*) is split into three bf16 parts, a bf16 operand is used as is, and the
     partial products are summed in fp32 (products of bf16 are exact in fp32, so with one
     operand split this is an fp32 GEMM up to summation order). With both operands split only
     the hi*hi, hi*mid and mid*hi terms are kept (~2^-16 relative): used for dx, which is
-    rounded to bf16 anyway. Program (., ., s) reduces k in [s*K_SPLIT, (s+1)*K_SPLIT) into
-    the partial c[s] (one split: the whole K, the same operations as ever)."""
+    rounded to bf16 anyway. PRE_*: that operand comes already split (`split_bf16`: parts
+    hi, mid, lo at stride_*p), so the tiles are loaded instead of split in every program --
+    the same parts and the same dots in the same order, hence the same bits. Program
+    (., ., s) reduces k in [s*K_SPLIT, (s+1)*K_SPLIT) into the partial c[s] (one split: the
+    whole K, the same operations as ever). C is stored in c's dtype."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     k_lo = tl.program_id(2) * K_SPLIT
@@ -73,26 +83,28 @@ def _matmul_fp32_kernel(a_ptr, b_ptr, c_ptr, M, N, K, K_SPLIT,
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(k_lo, k_hi, BLOCK_K):
         km = rk < k_hi - k0
-        a = tl.load(a_ptrs, mask=(rm[:, None] < M) & km[None, :], other=0.0)
-        b = tl.load(b_ptrs, mask=km[:, None] & (rn[None, :] < N), other=0.0)
+        am = (rm[:, None] < M) & km[None, :]
+        bm = km[:, None] & (rn[None, :] < N)
+        a = tl.load(a_ptrs, mask=am, other=0.0)
+        b = tl.load(b_ptrs, mask=bm, other=0.0)
         if EXACT:
             acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
         elif not SPLIT_A and not SPLIT_B:
             acc = tl.dot(a, b, acc)
         elif SPLIT_A and SPLIT_B:      # only for a result rounded to bf16 (see matmul_fp32)
-            a0, a1, _ = _bf16_split(a)
-            b0, b1, _ = _bf16_split(b)
+            a0, a1 = _hi_mid(a, a_ptrs, am, stride_ap, PRE_A)
+            b0, b1 = _hi_mid(b, b_ptrs, bm, stride_bp, PRE_B)
             acc = tl.dot(a0, b1, acc)
             acc = tl.dot(a1, b0, acc)
             acc = tl.dot(a0, b0, acc)
         elif SPLIT_B:
-            b0, b1, b2 = _bf16_split(b)
+            b0, b1, b2 = _parts(b, b_ptrs, bm, stride_bp, PRE_B)
             a0 = a.to(tl.bfloat16)
             acc = tl.dot(a0, b2, acc)
             acc = tl.dot(a0, b1, acc)
             acc = tl.dot(a0, b0, acc)
         else:
-            a0, a1, a2 = _bf16_split(a)
+            a0, a1, a2 = _parts(a, a_ptrs, am, stride_ap, PRE_A)
             b0 = b.to(tl.bfloat16)
             acc = tl.dot(a2, b0, acc)
             acc = tl.dot(a1, b0, acc)
@@ -101,7 +113,49 @@ def _matmul_fp32_kernel(a_ptr, b_ptr, c_ptr, M, N, K, K_SPLIT,
         b_ptrs += BLOCK_K * stride_bk
     c_ptrs = (c_ptr + tl.program_id(2).to(tl.int64) * M * N + rm[:, None].to(tl.int64) * N
               + rn[None, :])
-    tl.store(c_ptrs, acc, mask=(rm[:, None] < M) & (rn[None, :] < N))
+    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=(rm[:, None] < M) & (rn[None, :] < N))
+
+
+@triton.jit
+def _parts(v, ptrs, mask, part_stride, PRE: tl.constexpr):
+    """(hi, mid, lo) bf16 of a tile: v is part hi of a pre-split operand (the other two
+    are loaded) or the fp32 tile itself (split here)."""
+    if PRE:
+        return (v, tl.load(ptrs + part_stride, mask=mask, other=0.0),
+                tl.load(ptrs + 2 * part_stride, mask=mask, other=0.0))
+    return _bf16_split(v)
+
+
+@triton.jit
+def _hi_mid(v, ptrs, mask, part_stride, PRE: tl.constexpr):
+    """(hi, mid) bf16 of a tile (see _parts; lo is not needed)."""
+    if PRE:
+        return v, tl.load(ptrs + part_stride, mask=mask, other=0.0)
+    hi, mid, _ = _bf16_split(v)
+    return hi, mid
+
+
+@triton.jit
+def _split_kernel(v_ptr, p_ptr, n, BLOCK: tl.constexpr):
+    """p[0], p[1], p[2] = the bf16 parts hi, mid, lo of fp32 v (flat, n elements)."""
+    i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    m = i < n
+    hi, mid, lo = _bf16_split(tl.load(v_ptr + i, mask=m, other=0.0))
+    tl.store(p_ptr + i, hi, mask=m)
+    tl.store(p_ptr + n + i, mid, mask=m)
+    tl.store(p_ptr + 2 * n + i, lo, mask=m)
+
+
+def split_bf16(v: torch.Tensor) -> torch.Tensor:
+    """[3, *v.shape] bf16: the exact parts hi, mid, lo of fp32 v (hi + mid + lo == v), the
+    same parts as the matmul kernel's in-register split. matmul_fp32 takes such a stack
+    as an operand that stands for v."""
+    v = v.float().contiguous()
+    parts = torch.empty((3, *v.shape), device=v.device, dtype=torch.bfloat16)
+    if v.numel():
+        _split_kernel[(triton.cdiv(v.numel(), 1024),)](v, parts, v.numel(), BLOCK=1024,
+                                                       num_warps=4)
+    return parts
 
 
 @triton.jit
@@ -116,36 +170,49 @@ def _sum_splits_kernel(p_ptr, c_ptr, n, S, BLOCK: tl.constexpr):
 
 
 def matmul_fp32(a: torch.Tensor, b: torch.Tensor, exact: bool | None = None,
-                tiles: tuple[int, int] = (MM_BLOCK_M, MM_BLOCK_N),
-                splits: int = 1, warps: int = MM_WARPS) -> torch.Tensor:
-    """fp32 [M, N] = a.float() @ b.float() for a [M, K], b [K, N] of any strides.
+                tiles: tuple[int, int] | None = None, splits: int = 1,
+                warps: int | None = None, out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """[M, N] = a.float() @ b.float() for a [M, K], b [K, N] of any strides, fp32-accurate.
 
     Operands are fp32 or bf16. With a bf16 operand (the model's activations) the product runs
     on bf16 tensor cores with the fp32 operand split into three exact bf16 parts; with fp32
     operands only it is an IEEE fp32 FMA dot (the Triton interpreter's bf16 dot is unusable,
-    so CPU tests take this path). `exact` forces one or the other (default: exact when both
-    operands are fp32); other dtypes are converted to fp32 first. `tiles` (BLOCK_M, BLOCK_N):
-    keep the default wherever batch invariance matters (the forward). `splits` > 1: the
-    reduction is cut into that many BLOCK_K-aligned ranges whose fp32 partials are summed
-    in order (deterministic, but the result depends on K: not for the forward)."""
-    m, k = a.shape
-    n = b.shape[1]
-    c = torch.empty(m, n, device=a.device, dtype=torch.float32)
+    so CPU tests take this path). An fp32 operand may also come pre-split: a [3, M, K] /
+    [3, K, N] bf16 stack from `split_bf16` (any strides), the same result bitwise as its fp32
+    tensor on the tensor-core path. `exact` forces one or the other (default: exact when
+    both operands are fp32); other dtypes are converted to fp32 first. `tiles` (BLOCK_M,
+    BLOCK_N) and `warps`: keep the defaults (MM_*) wherever batch invariance matters (the
+    forward). `splits` > 1:
+    the reduction is cut into that many BLOCK_K-aligned ranges whose fp32 partials are summed
+    in order (deterministic, but the result depends on K: not for the forward). out_dtype:
+    the result is rounded to it in the kernel (no fp32 copy), with one split only."""
+    tiles = tiles or (MM_BLOCK_M, MM_BLOCK_N)
+    warps = warps or MM_WARPS
+    pre_a, pre_b = a.dim() == 3, b.dim() == 3
+    m, k = a.shape[-2:]
+    n = b.shape[-1]
+    c = torch.empty(m, n, device=a.device, dtype=out_dtype)
     if m == 0 or n == 0:
         return c
     a = a if a.dtype in (torch.float32, torch.bfloat16) else a.float()
     b = b if b.dtype in (torch.float32, torch.bfloat16) else b.float()
     if exact is None:
         exact = a.dtype == b.dtype == torch.float32
+    if exact and (pre_a or pre_b):
+        raise ValueError("matmul_fp32: pre-split operands run on the tensor cores only")
     k_split = triton.cdiv(triton.cdiv(max(k, 1), max(splits, 1)), MM_BLOCK_K) * MM_BLOCK_K
     splits = triton.cdiv(max(k, 1), k_split)
+    if splits > 1 and out_dtype != torch.float32:
+        raise ValueError("matmul_fp32: split reductions return fp32")
     out = c if splits == 1 else torch.empty(splits, m, n, device=a.device, dtype=torch.float32)
     grid = (triton.cdiv(m, tiles[0]), triton.cdiv(n, tiles[1]), splits)
-    _matmul_fp32_kernel[grid](a, b, out, m, n, k, k_split, a.stride(0), a.stride(1),
-                              b.stride(0), b.stride(1), SPLIT_A=a.dtype == torch.float32,
-                              SPLIT_B=b.dtype == torch.float32, EXACT=exact,
-                              BLOCK_M=tiles[0], BLOCK_N=tiles[1], BLOCK_K=MM_BLOCK_K,
-                              num_warps=warps)
+    _matmul_fp32_kernel[grid](a, b, out, m, n, k, k_split, a.stride(-2), a.stride(-1),
+                              b.stride(-2), b.stride(-1), a.stride(0) if pre_a else 0,
+                              b.stride(0) if pre_b else 0,
+                              SPLIT_A=pre_a or a.dtype == torch.float32,
+                              SPLIT_B=pre_b or b.dtype == torch.float32, PRE_A=pre_a,
+                              PRE_B=pre_b, EXACT=exact, BLOCK_M=tiles[0], BLOCK_N=tiles[1],
+                              BLOCK_K=MM_BLOCK_K, num_warps=warps)
     if splits > 1:
         _sum_splits_kernel[(triton.cdiv(m * n, 1024),)](out, c, m * n, splits, BLOCK=1024,
                                                          num_warps=4)
