@@ -110,7 +110,8 @@ def run_sft(cfg: RunConfig, out_dir: str | Path) -> Path:
                     break
         else:
             if judge is not None:
-                acc = judge(engine)
+                if step % cfg.sft.eval_every:  # else the loop's last check measured these weights
+                    acc = judge(engine)
                 log.warning("SFT: held-out accuracy %.1f%% after all sft.steps=%d, below sft.target_accuracy=%.0f%%",
                             100 * acc, cfg.sft.steps, 100 * cfg.sft.target_accuracy)
     finally:
