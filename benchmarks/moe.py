@@ -29,6 +29,7 @@ from ring_rl.kernels.moe import moe_experts, moe_route, router_logits
 from ring_rl.kernels.moe import triton_experts as kx
 from ring_rl.kernels.moe import triton_experts_bwd as kb
 from ring_rl.kernels.moe import triton_router as kr
+from ring_rl.kernels.moe import triton_rows as krows
 
 T, H, E, I, K, N_GROUP, TOPK_GROUP, SCALE = 16384, 2048, 256, 512, 8, 8, 4, 2.5
 FLOPS_FWD = 2 * T * K * H * 3 * I
@@ -163,7 +164,7 @@ def gate_up_rows(x, ids, wgu, peak):
     out = [f"| gate-up GEMM alone: ours (row gather + SwiGLU epilogue, writes gu and h) | "
            f"{ms:.3f} | {flops / ms / 1e9:.0f} ({flops / ms / 1e7 / peak:.0f}%) | - | - | "
            f"2*T*k*H*2I flops |"]
-    xs = kx.gather_rows(xd, plan)
+    xs = krows.gather_rows(xd, plan)
     ms = bench(lambda: kx.gate_up(xs, wgud, plan, sorted_rows=True))
     out.append(f"| gate-up GEMM alone: ours on sorted x rows (TMA where TMA_GEMMS has it) | "
                f"{ms:.3f} | {flops / ms / 1e9:.0f} ({flops / ms / 1e7 / peak:.0f}%) | - | - | "

@@ -32,6 +32,7 @@ from ring_rl.kernels.moe import moe_route, router_logits
 from ring_rl.kernels.moe import triton_experts as kx
 from ring_rl.kernels.moe import triton_experts_bwd as kb
 from ring_rl.kernels.moe import triton_router as kr
+from ring_rl.kernels.moe import triton_rows as krows
 
 # Block variants: module constants -> value, each applied on top of BASE (the committed
 # configuration before this round, H100 run of 2026-11-23, except that the router's dx is
@@ -169,7 +170,7 @@ def part_table(peak, x, gate, bias, wgu, wd, dy):
     dgu, hw, _ = kb.down_bwd(dy, wdd, gu, wts, plan, fused=False)
     cfg_g, cfg_dx = kx.CONFIGS["down_bwd"], kx.CONFIGS["dx"]
     g_rows = kx.row_gemm(dy, wdd, plan, False, cfg_g, gather_a=True, scatter_c=False)
-    xs, dys = kb.gather_rows(xd, plan), kb.gather_rows(dy, plan)
+    xs, dys = krows.gather_rows(xd, plan), krows.gather_rows(dy, plan)
     o = kx.row_gemm(h, wdd, plan, transpose_w=True, cfg=kx.CONFIGS["down"])
     dl = torch.randn(T, E, device=DEVICE)
     gemm = 2 * T * K * H * I                          # one H x I GEMM over all rows
@@ -180,10 +181,10 @@ def part_table(peak, x, gate, bias, wgu, wd, dy):
         timed(peak, "plan: sort + tile schedule", method,
               lambda: kx.make_plan(ids, E).tiles(128), settings={"PLAN": method})
     router_parts(peak, xd, gd, dl)
-    timed(peak, "combine, forward (weighted)", "Triton", lambda: kx.combine(o, wts, T))
+    timed(peak, "combine, forward (weighted)", "Triton", lambda: krows.combine(o, wts, T))
     timed(peak, "x, dy rows sorted", "gather_rows (Triton), both",
-          lambda: (kb.gather_rows(xd, plan), kb.gather_rows(dy, plan)))
-    timed(peak, "x rows sorted", "gather_rows (Triton)", lambda: kb.gather_rows(xd, plan))
+          lambda: (krows.gather_rows(xd, plan), krows.gather_rows(dy, plan)))
+    timed(peak, "x rows sorted", "gather_rows (Triton)", lambda: krows.gather_rows(xd, plan))
     # gate-up (2 GEMMs' worth of FLOPs), then the three row GEMMs, each engine alone
     timed(peak, "gate-up + SwiGLU", "pointer, x rows gathered", lambda: kx.gate_up(xd, wgud, plan),
           2 * gemm)
@@ -193,10 +194,10 @@ def part_table(peak, x, gate, bias, wgu, wd, dy):
         timed(peak, "gate-up + SwiGLU", f"TMA, sorted x rows {cfg}",
               lambda c=cfg: kt().gate_up(xs, wgud, plan, c), 2 * gemm)
     timed(peak, "gate-up + SwiGLU", "grouped_mm on sorted x + swiglu_fwd",
-          lambda: kx.swiglu_fwd(gmm(xs, wgud.transpose(1, 2), offs=plan.ends)), 2 * gemm)
-    timed(peak, "SwiGLU forward alone (row-wise)", "Triton", lambda: kx.swiglu_fwd(gu))
+          lambda: krows.swiglu_fwd(gmm(xs, wgud.transpose(1, 2), offs=plan.ends)), 2 * gemm)
+    timed(peak, "SwiGLU forward alone (row-wise)", "Triton", lambda: krows.swiglu_fwd(gu))
     row_gemm_parts(peak, "down: o[slot] = h Wd^T", h, wdd, plan, True, "down", True, gemm,
-                   lambda: kx.combine(gmm(h, wdd.transpose(1, 2), offs=plan.ends), wts, T,
+                   lambda: krows.combine(gmm(h, wdd.transpose(1, 2), offs=plan.ends), wts, T,
                                       row_map=plan.inverse), "grouped_mm + combine (inverse)")
     timed(peak, "G = dy[tok] Wd", "pointer, dy rows gathered",
           lambda: kx.row_gemm(dy, wdd, plan, False, cfg_g, gather_a=True, scatter_c=False), gemm)
@@ -207,7 +208,7 @@ def part_table(peak, x, gate, bias, wgu, wd, dy):
     row_gemm_parts(peak, "dx rows: dxs[slot] = dgu Wgu", dgu, wgud, plan, False, "dx", True,
                    2 * gemm, lambda: gmm(dgu, wgud, offs=plan.ends), "grouped_mm (sorted)")
     timed(peak, "combine, dx (unweighted)", "Triton",
-          lambda: kx.combine(kx.row_gemm(dgu, wgud, plan, False, cfg_dx), None, T), 2 * gemm)
+          lambda: krows.combine(kx.row_gemm(dgu, wgud, plan, False, cfg_dx), None, T), 2 * gemm)
     timed(peak, "dW GEMMs (dWgu + dWd)", "grouped_mm on sorted rows",
           lambda: (kb.grouped_wgrad(dgu, xs, plan), kb.grouped_wgrad(dys, hw, plan)), 3 * gemm)
 

@@ -1,9 +1,10 @@
-"""Inputs and checks shared by the MoE kernel tests (test_moe.py, test_moe_variants.py)."""
+"""Inputs and checks shared by the MoE kernel tests (test_moe.py, test_moe_variants.py,
+test_moe_sorted_rows.py)."""
 from __future__ import annotations
 
 import torch
 
-from ring_rl.kernels.moe import moe_experts, moe_experts_ref, triton_experts
+from ring_rl.kernels.moe import moe_experts, moe_experts_ref, moe_route, triton_experts
 from tests.kernels.checks import FP32_TOL, assert_close, gpu  # noqa: F401 (re-exported)
 
 BF16_TOL = 2e-2
@@ -46,6 +47,29 @@ def check_experts(inputs, tol=FP32_TOL, fn=moe_experts):
     for name, a, b in zip(EXPERT_NAMES, got, want):
         assert_close(a, b, tol, name)
     return got
+
+
+def check_reruns_and_idle(inputs, idle, tol=FP32_TOL):
+    """check_experts, then: a second run gives the same bits, and the experts `idle` (indices
+    or a bool mask over experts) get exactly zero weight gradients. → the first run's results."""
+    got = check_experts(inputs, tol)
+    again = run_experts(moe_experts, *inputs)
+    for name, a, b in zip(EXPERT_NAMES, got, again):
+        assert torch.equal(a, b), f"{name} not bitwise reproducible"
+    for name, g in zip(EXPERT_NAMES[3:], got[3:]):
+        assert not g[idle].any(), f"{name}: idle experts got non-zero gradients"
+    return got
+
+
+MINI = dict(h=2048, e=256, inter=512, k=8, n_group=8, topk_group=4)  # Ring-mini's MoE
+
+
+def mini_routing(t, seed, bias_scale=0.3):
+    """Skewed Ring-mini routing through the real router: (weights, ids) on the GPU."""
+    gen = torch.Generator().manual_seed(seed)
+    logits = rnd(gen, t, MINI["e"], device="cuda")
+    bias = rnd(gen, MINI["e"], scale=bias_scale, device="cuda")
+    return moe_route(logits, bias, MINI["k"], MINI["n_group"], MINI["topk_group"], 2.5)
 
 
 def ids_avoiding(t, e, k, idle, seed):

@@ -29,12 +29,15 @@ from ring_rl.kernels.moe import (
 from tests.kernels.moe_cases import (
     BF16_TOL,
     EXPERT_NAMES,
+    MINI,
     assert_close,
     assert_same_plans,
     check_experts,
+    check_reruns_and_idle,
     expert_inputs,
     gpu,
     ids_avoiding,
+    mini_routing,
     rnd,
     route_inputs,
     run_experts,
@@ -242,7 +245,6 @@ def test_experts_reject_bad_shapes():
 
 
 # ------------------------------------------------------------- GPU, Ring-mini shapes, bf16
-MINI = dict(h=2048, e=256, inter=512, k=8, n_group=8, topk_group=4)
 
 
 @gpu
@@ -293,93 +295,16 @@ def test_gpu_experts_bf16(monkeypatch, t, fused, mode):
     monkeypatch.setattr(triton_experts, "PLAN", "torch" if mode == "triton" else "triton")
     if mode != "triton" and torch.cuda.get_device_capability()[0] != 9:
         pytest.skip("the grouped_mm backward runs on sm90 only (elsewhere it is the Triton one)")
-    gen = torch.Generator().manual_seed(11)
     h, e, inter, k = MINI["h"], MINI["e"], MINI["inter"], MINI["k"]
-    logits = rnd(gen, t, e, device="cuda")
-    bias = rnd(gen, e, scale=0.3, device="cuda")
-    w, ids = moe_route(logits, bias, k, MINI["n_group"], MINI["topk_group"], 2.5)
+    w, ids = mini_routing(t, seed=11)
     x, _, _, wgu, wd, dy = expert_inputs(t, h, inter, e, k, seed=11, device="cuda",
                                          dtype=torch.bfloat16, ids=ids.cpu())
     inputs = (x, ids, w.detach().requires_grad_(), wgu, wd, dy)
-    first = check_experts(inputs, BF16_TOL)
-    again = run_experts(moe_experts, *inputs)
-    for name, a, b in zip(EXPERT_NAMES, first, again):
-        assert torch.equal(a, b), f"{name} not bitwise reproducible"
+    idle = torch.bincount(ids.reshape(-1), minlength=e) == 0
+    assert idle.any()
+    first = check_reruns_and_idle(inputs, idle, BF16_TOL)
     y1 = moe_experts(x[:1], ids[:1], w[:1], wgu, wd)
     assert torch.equal(y1, first[0][:1]), "forward not batch invariant"
-    idle = torch.bincount(ids.reshape(-1), minlength=e) == 0
-    assert idle.any()
-    for name, g in zip(EXPERT_NAMES[3:], first[3:]):
-        assert not g[idle].any(), f"{name}: idle experts got non-zero gradients"
-
-
-def mini_routing(t, seed, bias_scale=0.3):
-    """Skewed Ring-mini routing through the real router: (weights, ids) on the GPU."""
-    gen = torch.Generator().manual_seed(seed)
-    logits = rnd(gen, t, MINI["e"], device="cuda")
-    bias = rnd(gen, MINI["e"], scale=bias_scale, device="cuda")
-    return moe_route(logits, bias, MINI["k"], MINI["n_group"], MINI["topk_group"], 2.5)
-
-
-def set_paths(monkeypatch, row_gemm, **settings):
-    """row_gemm: "tma" (every row GEMM that can) or "pointer" (none); then module constants."""
-    tma = ("gate_up", "down", "dx", "down_bwd") if row_gemm == "tma" else ()
-    monkeypatch.setattr(triton_experts, "TMA_GEMMS", tma)
-    for name, value in settings.items():
-        monkeypatch.setattr(triton_experts, name, value)
-
-
-@gpu
-@pytest.mark.gpu
-@pytest.mark.parametrize("fwd_rows,row_gemm,fwd_gemms,bwd", [
-    ("sorted", "tma", "triton", "gmm_dw"), ("gather", "tma", "triton", "gmm_dw"),
-    ("sorted", "tma", "triton", "triton"), ("sorted", "pointer", "gmm", "gmm_dw"),
-    ("sorted", "tma", "gmm", "gmm_dw")])
-def test_gpu_experts_sorted_rows_bf16(monkeypatch, fwd_rows, row_gemm, fwd_gemms, bwd):
-    """The forward's sorted x rows (FWD_ROWS), the TMA row GEMMs (TMA_GEMMS) and the
-    grouped_mm forward (FWD_GEMMS) at Ring-mini shapes in bf16, against the reference;
-    bitwise reruns; exact zero weight gradients for idle experts."""
-    if torch.cuda.get_device_capability()[0] != 9:
-        pytest.skip("TMA and the grouped_mm paths are checked on sm90")
-    set_paths(monkeypatch, row_gemm, FWD_ROWS=fwd_rows, FWD_GEMMS=fwd_gemms,
-              BWD_GEMMS=bwd, PLAN="triton", DOWN_BWD_FUSED=False)
-    t, h, e, inter, k = 2048, MINI["h"], MINI["e"], MINI["inter"], MINI["k"]
-    w, ids = mini_routing(t, seed=13)
-    x, _, _, wgu, wd, dy = expert_inputs(t, h, inter, e, k, seed=13, device="cuda",
-                                         dtype=torch.bfloat16, ids=ids.cpu())
-    inputs = (x, ids, w.detach().requires_grad_(), wgu, wd, dy)
-    first = check_experts(inputs, BF16_TOL)
-    again = run_experts(moe_experts, *inputs)
-    for name, a, b in zip(EXPERT_NAMES, first, again):
-        assert torch.equal(a, b), f"{name} not bitwise reproducible"
-    idle = torch.bincount(ids.reshape(-1), minlength=e) == 0
-    assert idle.any()
-    for name, g in zip(EXPERT_NAMES[3:], first[3:]):
-        assert not g[idle].any(), f"{name}: idle experts got non-zero gradients"
-
-
-@gpu
-@pytest.mark.gpu
-@pytest.mark.parametrize("fwd_rows,row_gemm,fwd_gemms", [
-    ("gather", "pointer", "triton"), ("sorted", "tma", "triton"), ("sorted", "pointer", "gmm")])
-def test_gpu_experts_forward_batch_invariant(monkeypatch, fwd_rows, row_gemm, fwd_gemms):
-    """A token's output is bitwise the same in batches of 1 to 8192 tokens. 8192 tokens
-    (512 rows per expert on average) make CUTLASS's grouped GEMM take its 128x256 tile,
-    4096 and fewer its 64x128 one: the grouped_mm forward is only batch invariant if
-    those agree bit for bit."""
-    if fwd_gemms == "gmm" and torch.cuda.get_device_capability()[0] != 9:
-        pytest.skip("the grouped_mm forward runs on sm90 only")
-    set_paths(monkeypatch, row_gemm, FWD_ROWS=fwd_rows, FWD_GEMMS=fwd_gemms,
-              PLAN="triton")
-    t, h, e, inter, k = 8192, MINI["h"], MINI["e"], MINI["inter"], MINI["k"]
-    w, ids = mini_routing(t, seed=14, bias_scale=0.04)
-    x, _, _, wgu, wd, _ = expert_inputs(t, h, inter, e, k, seed=14, device="cuda",
-                                        dtype=torch.bfloat16, ids=ids.cpu())
-    with torch.no_grad():
-        full = moe_experts(x, ids, w, wgu, wd)
-        for lo, hi in [(0, 1), (5, 300), (4096, 8192)]:
-            part = moe_experts(x[lo:hi], ids[lo:hi], w[lo:hi], wgu, wd)
-            assert torch.equal(part, full[lo:hi]), (lo, hi)
 
 
 @gpu
@@ -404,12 +329,8 @@ def test_gpu_router_presplit_same_bits(monkeypatch):
 @gpu
 @pytest.mark.gpu
 def test_gpu_plan_counting_sort_matches_torch(monkeypatch):
-    gen = torch.Generator().manual_seed(12)
-    t, e = 16384, MINI["e"]
-    logits = rnd(gen, t, e, device="cuda")
-    bias = rnd(gen, e, scale=0.3, device="cuda")
-    _, ids = moe_route(logits, bias, MINI["k"], MINI["n_group"], MINI["topk_group"], 2.5)
-    assert_same_plans(monkeypatch, ids, e)
+    _, ids = mini_routing(16384, seed=12)
+    assert_same_plans(monkeypatch, ids, MINI["e"])
 
 
 def test_fit_stages_keeps_fp32_tiles_within_shared_memory(monkeypatch):

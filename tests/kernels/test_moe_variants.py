@@ -8,24 +8,20 @@ import pytest
 import torch
 
 from ring_rl.kernels.moe import (
-    moe_experts,
     router_logits,
     router_logits_ref,
     triton_experts,
-    triton_experts_bwd,
     triton_plan,
     triton_router,
-    triton_tma,
+    triton_rows,
 )
 from tests.kernels.moe_cases import (
-    EXPERT_NAMES,
     assert_close,
     assert_same_plans,
-    check_experts,
+    check_reruns_and_idle,
     expert_inputs,
     ids_avoiding,
     rnd,
-    run_experts,
 )
 
 
@@ -43,15 +39,10 @@ def test_experts_backward_variants(triton_mode, monkeypatch, mode, t, h, inter, 
     monkeypatch.setattr(triton_experts, "PLAN", "triton")
     monkeypatch.setattr(triton_experts, "DOWN_BWD_FUSED", fused)
     monkeypatch.setitem(triton_experts.CONFIGS, "down_bwd", (16, 16, 32, 4, 1))
-    monkeypatch.setitem(triton_experts.CONFIGS, "gather_rows", (8, 16, 0, 4, 1))
-    assert triton_experts_bwd.grouped_mm_ok(torch.zeros(1), h, inter) == (h != 42)
+    monkeypatch.setitem(triton_rows.CONFIGS, "gather_rows", (8, 16, 0, 4, 1))
+    assert triton_rows.grouped_mm_ok(torch.zeros(1), h, inter) == (h != 42)
     inputs = expert_inputs(t, h, inter, e, k, seed=t, ids=ids_avoiding(t, e, k, (0, e - 1), t))
-    got = check_experts(inputs)
-    for g in got[3:]:
-        assert not g[[0, e - 1]].any()
-    again = run_experts(moe_experts, *inputs)
-    for name, a, b in zip(EXPERT_NAMES, got, again):
-        assert torch.equal(a, b), f"{name} not bitwise reproducible"
+    check_reruns_and_idle(inputs, [0, e - 1])
 
 
 @pytest.mark.parametrize("t,k,e,scan_rows", [(1, 2, 5, 256), (37, 3, 8, 256), (300, 8, 24, 4),
@@ -70,7 +61,7 @@ def test_gather_rows_copies_token_rows(triton_mode):
     ids = ids_avoiding(45, 7, 3, (2,), seed=4)
     plan = triton_experts.make_plan(ids, 7)
     src = rnd(gen, 45, 300)
-    assert torch.equal(triton_experts_bwd.gather_rows(src, plan), src[plan.tokens.long()])
+    assert torch.equal(triton_rows.gather_rows(src, plan), src[plan.tokens.long()])
 
 
 @pytest.mark.parametrize("t,split_rows", [(1000, 64), (130, 64)])
@@ -89,46 +80,6 @@ def test_router_dw_split_matches_reference(triton_mode, monkeypatch, t, split_ro
     dw = torch.autograd.grad((logits * dl).sum(), w)[0]
     assert_close(dw, torch.autograd.grad((router_logits_ref(x, w) * dl).sum(), w)[0], name="dw")
     assert torch.equal(dw, torch.autograd.grad((router_logits(x, w) * dl).sum(), w)[0])
-
-
-SMALL_TMA = (16, 16, 16, 4, 1)
-ALL_TMA = ("gate_up", "down", "dx", "down_bwd")
-
-
-@pytest.mark.parametrize("fwd_rows,row_gemm,bwd,fwd_gemms", [
-    ("sorted", "tma", "gmm_dw", "triton"), ("sorted", "tma", "triton", "triton"),
-    ("gather", "tma", "gmm_dw", "triton"), ("sorted", "pointer", "gmm_dw", "triton"),
-    ("sorted", "pointer", "gmm_dw", "gmm")])
-@pytest.mark.parametrize("t,h,inter,e,k", [(37, 48, 32, 8, 3), (21, 40, 24, 6, 2)])
-def test_experts_sorted_rows_and_tma(triton_mode, monkeypatch, fwd_rows, row_gemm, bwd,
-                                     fwd_gemms, t, h, inter, e, k):
-    """x rows copied in the forward and kept (FWD_ROWS), the TMA row GEMMs (TMA_GEMMS) and the
-    grouped_mm forward (FWD_GEMMS), against the reference; experts 0 and e-1 idle; bitwise
-    reruns; forward batch invariance (of the Triton GEMMs: grouped_mm's on the GPU). 16-row tiles cross expert boundaries; h=40 is no
-    multiple of BLOCK_K 16 (the K-major TMA boxes zero-fill past K; the G GEMM, whose
-    weight boxes would run into the next expert, falls back to the pointer kernel)."""
-    tma = ALL_TMA if row_gemm == "tma" else ()
-    for name, value in (("FWD_ROWS", fwd_rows), ("TMA_GEMMS", tma), ("BWD_GEMMS", bwd),
-                        ("FWD_GEMMS", fwd_gemms), ("PLAN", "triton")):
-        monkeypatch.setattr(triton_experts, name, value)
-    for name in ("gate_up_tma", "down_tma", "down_bwd_tma", "dx_tma"):
-        monkeypatch.setitem(triton_experts.CONFIGS, name, SMALL_TMA)
-    monkeypatch.setattr(triton_experts, "LAUNCHED", {})
-    monkeypatch.setattr(triton_tma, "LAUNCHED", triton_experts.LAUNCHED)
-    inputs = expert_inputs(t, h, inter, e, k, seed=t, ids=ids_avoiding(t, e, k, (0, e - 1), t))
-    got = check_experts(inputs)
-    for g in got[3:]:
-        assert not g[[0, e - 1]].any()
-    again = run_experts(moe_experts, *inputs)
-    for name, a, b in zip(EXPERT_NAMES, got, again):
-        assert torch.equal(a, b), f"{name} not bitwise reproducible"
-    x, ids, w, wgu, wd, _ = inputs
-    if fwd_gemms == "triton":     # torch's CPU loop for grouped_mm: BLAS, size-dependent
-        assert torch.equal(moe_experts(x[:1], ids[:1], w[:1], wgu, wd), got[0][:1])
-    launched = set(triton_experts.LAUNCHED)
-    if tma and fwd_gemms == "triton":
-        assert "row_gemm_tma" in launched
-        assert ("gate_up_tma" in launched) == (fwd_rows == "sorted")
 
 
 def test_split_bf16_parts_are_exact(triton_mode):

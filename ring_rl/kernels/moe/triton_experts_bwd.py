@@ -33,12 +33,10 @@ from ring_rl.kernels.moe.triton_experts import (
     _mainloop,
     _prec,
     _tile,
-    combine,
-    gather_rows,
-    grouped_mm_ok,
     row_gemm,
     sorted_gemm,
 )
+from ring_rl.kernels.moe.triton_rows import combine, gather_rows, grouped_mm_ok
 
 
 @triton.jit
