@@ -19,7 +19,8 @@ plain-PyTorch reference on CPU tensors (the experts as two padded batched GEMMs,
 - moe_experts: stable sort of the slots by expert (a Triton counting sort, or torch.sort:
   `triton_experts.PLAN`), then grouped Triton GEMMs with gathered rows and a fused SwiGLU
   epilogue (TMA tile loads where the rows are in expert order: `triton_tma.py`), and a
-  per-token gather-combine (`triton_experts.py`, backward in `triton_experts_bwd.py`). By
+  per-token gather-combine (`triton_experts.py`, the row movers in `triton_rows.py`, backward
+  in `triton_experts_bwd.py`). By
   default the forward does not use torch._grouped_mm (it needs a permuted copy of x, and our
   fixed tiles keep the forward batch invariant by construction; `triton_experts.FWD_GEMMS`
   switches it on); the backward's weight gradients run through it on sm90

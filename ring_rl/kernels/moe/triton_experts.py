@@ -317,10 +317,7 @@ def gate_up(x, w_gate_up, plan: ExpertPlan, cfg=None, sorted_rows=False):
         return triton_tma.gate_up(x, w_gate_up, plan, cfg)
     bm, bn, bk, warps, stages = cfg or CONFIGS["gate_up"]
     stages = fit_stages(bm, bn, bk, stages, x.dtype, b_tiles=2)
-    e, two_i, hid = w_gate_up.shape
-    inter = two_i // 2
-    gu = torch.empty(plan.num_rows, two_i, device=x.device, dtype=x.dtype)
-    h = torch.empty(plan.num_rows, inter, device=x.device, dtype=x.dtype)
+    e, hid, inter, gu, h = gate_up_outputs(x, w_gate_up, plan)
     te, tr = plan.tiles(bm)
     grid = (te.numel() * triton.cdiv(inter, bn),)
     LAUNCHED["gate_up"] = _gate_up_kernel[grid](
@@ -328,6 +325,15 @@ def gate_up(x, w_gate_up, plan: ExpertPlan, cfg=None, sorted_rows=False):
         plan.num_rows, GATHER_A=not sorted_rows, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
         EVEN_K=hid % bk == 0, PREC=_prec(x), num_warps=warps, num_stages=stages)
     return gu, h
+
+
+def gate_up_outputs(x, w_gate_up, plan: ExpertPlan):
+    """(E, H, I, gu [N, 2I], h [N, I]): the gate-up GEMM's shapes and its empty outputs in
+    x.dtype (both launchers: pointer and TMA)."""
+    e, two_i, hid = w_gate_up.shape
+    gu = torch.empty(plan.num_rows, two_i, device=x.device, dtype=x.dtype)
+    h = torch.empty(plan.num_rows, two_i // 2, device=x.device, dtype=x.dtype)
+    return e, hid, two_i // 2, gu, h
 
 
 def _use_tma(name: str, a, w, k_major: bool) -> bool:

@@ -26,6 +26,7 @@ from ring_rl.kernels.moe.triton_experts import (
     _store_rows,
     _swiglu_store,
     _tile,
+    gate_up_outputs,
 )
 
 
@@ -131,13 +132,10 @@ def gate_up(xs, w_gate_up, plan: ExpertPlan, cfg=None):
     """(gu [N, 2I], h [N, I]) from the x rows in expert order xs [N, H]."""
     bm, bn, bk, warps, stages = cfg or CONFIGS["gate_up_tma"]
     stages = fit_stages(bm, bn, bk, stages, xs.dtype, b_tiles=2)
-    e, two_i, hid = w_gate_up.shape
-    inter = two_i // 2
-    gu = torch.empty(plan.num_rows, two_i, device=xs.device, dtype=xs.dtype)
-    h = torch.empty(plan.num_rows, inter, device=xs.device, dtype=xs.dtype)
+    e, hid, inter, gu, h = gate_up_outputs(xs, w_gate_up, plan)
     te, tr = plan.tiles(bm)
     LAUNCHED["gate_up_tma"] = _gate_up_tma_kernel[(te.numel() * triton.cdiv(inter, bn),)](
-        _desc(xs, (bm, bk)), _desc(w_gate_up.view(e * two_i, hid), (bn, bk)), gu, h, te, tr,
+        _desc(xs, (bm, bk)), _desc(w_gate_up.view(e * 2 * inter, hid), (bn, bk)), gu, h, te, tr,
         plan.offsets, hid, inter, e, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, PREC=_prec(xs),
         num_warps=warps, num_stages=stages)
     return gu, h
