@@ -91,16 +91,18 @@ def test_driver_sigkilled_three_times_resumes_without_gaps(prepared, tmp_path):
         log = tmp_path / f"log{seed}.txt"
         proc = ring_rl(*(args + (["--resume"] if seed else [])), log=log)
         try:
-            # (and a first checkpoint: --resume of a run that saved none is refused, rightly)
-            wait_for(lambda after=after: after in _steps(run_dir) and CheckpointDirs(run_dir).latest(), 240,
+            # (and a first checkpoint: --resume of a run that saved none is refused, rightly).
+            # A resumed run must have started first: when an earlier kill landed late, `after`
+            # (capped at steps - 2) can already be on disk, and the kill would hit a process
+            # that had not even logged its resume.
+            wait_for(lambda after=after, seed=seed, log=log: (not seed or "resuming from" in log.read_text())
+                     and after in _steps(run_dir) and CheckpointDirs(run_dir).latest(), 240,
                      f"step {after}", proc, log)
             time.sleep(delay)
             sigkill(proc)
         finally:
             kill_session(proc)
         kills.append(max(_steps(run_dir)))
-        if seed:
-            assert "resuming from" in log.read_text()
     assert kills[-1] < steps, f"the run ended before its last kill (killed after steps {kills})"
 
     ckpts = CheckpointDirs(run_dir, keep=3).complete()
