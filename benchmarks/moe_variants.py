@@ -41,22 +41,25 @@ from ring_rl.kernels.moe import triton_rows as krows
 # FWD_GEMMS, TMA_GEMMS, PLAN) and triton_router.py (PRESPLIT, MM_*, DW_SPLIT_ROWS).
 BASE = {"BWD_GEMMS": "gmm_dw", "PLAN": "triton", "DW_SPLIT_ROWS": 2048, "PRESPLIT": False,
         "FWD_ROWS": "gather", "TMA_GEMMS": (), "FWD_GEMMS": "triton",
-        "MM_BLOCK_M": 64, "MM_BLOCK_N": 128, "MM_WARPS": 4}
+        "MM_BLOCK_M": 64, "MM_BLOCK_N": 128, "MM_WARPS": 4, "PERSISTENT_GEMMS": (),
+        "SELECT_3D": False}
 ROUTER = {"PRESPLIT": True, "MM_BLOCK_M": 128, "MM_WARPS": 8}
-NEW = {**ROUTER, "TMA_GEMMS": ("gate_up", "down", "dx")}
+PREV = {**ROUTER, "TMA_GEMMS": ("gate_up", "down", "dx")}
+NEW = {**ROUTER, "TMA_GEMMS": ("gate_up", "down", "dx", "down_bwd"),
+       "PERSISTENT_GEMMS": ("down", "dx", "down_bwd"), "SELECT_3D": True}
 VARIANTS = [
     ("before: pointer GEMMs, router split in every program, 64x128 router tiles", {}),
     ("router pre-split, 128x128 tiles; pointer GEMMs", ROUTER),
-    ("default: router pre-split + TMA down and dx", NEW),
+    ("previous default: router pre-split + TMA down and dx", PREV),
+    ("default: + persistent TMA down, dx and G; 3D group select", NEW),
     ("default + x rows sorted in the forward and kept (TMA gate-up)",
      {**NEW, "FWD_ROWS": "sorted"}),
-    ("default + grouped_mm forward (sorted x kept)",
-     {**NEW, "FWD_ROWS": "sorted", "FWD_GEMMS": "gmm"}),
 ]
-ROUNDS = 3      # the variants are timed in turn, ROUNDS times over; the median is reported
+DEFAULT = 3     # the index of the default in VARIANTS (its kernels are profiled)
+ROUNDS = 5      # the variants are timed in turn, ROUNDS times over; the median is reported
 SETTING_MODULE = {"BWD_GEMMS": kx, "PLAN": kx, "FWD_ROWS": kx, "TMA_GEMMS": kx,
-                  "FWD_GEMMS": kx, "DW_SPLIT_ROWS": kr, "PRESPLIT": kr, "MM_BLOCK_M": kr,
-                  "MM_BLOCK_N": kr, "MM_WARPS": kr}
+                  "FWD_GEMMS": kx, "PERSISTENT_GEMMS": kx, "DW_SPLIT_ROWS": kr, "PRESPLIT": kr,
+                  "MM_BLOCK_M": kr, "MM_BLOCK_N": kr, "MM_WARPS": kr, "SELECT_3D": kr}
 
 
 @contextlib.contextmanager
@@ -111,8 +114,9 @@ def variant_table(peak, parts=False):
     if parts:
         part_table(peak, x, gate, bias, wgu, wd, dy)
     try:
-        with configured({**BASE, **dict(VARIANTS)[VARIANTS[2][0]]}):
-            kernel_profile(fwd_bwd(fn, (x, gate, wgu, wd), dy), f"the default ({VARIANTS[2][0]})")
+        name, change = VARIANTS[DEFAULT]
+        with configured({**BASE, **change}):
+            kernel_profile(fwd_bwd(fn, (x, gate, wgu, wd), dy), f"the default ({name})")
     except Exception as exc:  # noqa: BLE001 - e.g. no CUPTI: the tables above stand
         print(f"\n(kernel profile failed: {exc!r:.120})")
 

@@ -93,3 +93,5 @@ def assert_same_plans(monkeypatch, ids, e):
         (te, tr), (te_ref, tr_ref) = got.tiles(bm), want.tiles(bm)
         live = te_ref < e
         assert torch.equal(te, te_ref) and torch.equal(tr[live], tr_ref[live]), bm
+        count = got.tile_count(bm)
+        assert torch.equal(count, want.tile_count(bm)) and count.item() == int(live.sum()), bm

@@ -85,7 +85,10 @@ ROUTE_CASES = [  # (E, n_group, topk_group, top_k)
                          [(1000, *ROUTE_CASES[0], True), (1, *ROUTE_CASES[0], False)]
                          + [(37, *c, True) for c in ROUTE_CASES[1:]]
                          + [(5, *ROUTE_CASES[3], False)])
-def test_route_matches_reference(triton_mode, t, e, n_group, topk_group, top_k, norm):
+@pytest.mark.parametrize("groups_3d", [True, False])
+def test_route_matches_reference(triton_mode, monkeypatch, t, e, n_group, topk_group, top_k,
+                                 norm, groups_3d):
+    monkeypatch.setattr(triton_router, "SELECT_3D", groups_3d)   # power-of-two E only
     logits, bias = route_inputs(t, e, seed=t + e)
     logits.requires_grad_()
     w, ids = moe_route(logits, bias, top_k, n_group, topk_group, 2.5, norm)
@@ -130,9 +133,11 @@ def test_route_hand_made(monkeypatch, mode):
     assert torch.allclose(w, (s / s.sum())[None], rtol=1e-6, atol=0)
 
 
-@pytest.mark.parametrize("mode", ["triton", "reference"])
-def test_route_ties_go_to_lower_index(monkeypatch, mode):
+@pytest.mark.parametrize("mode,groups_3d", [("triton", True), ("triton", False),
+                                             ("reference", False)])
+def test_route_ties_go_to_lower_index(monkeypatch, mode, groups_3d):
     monkeypatch.setenv("RING_RL_KERNELS", mode)
+    monkeypatch.setattr(triton_router, "SELECT_3D", groups_3d)
     # All equal: groups 0, 1 kept, experts 0..3 in order.
     w, ids = moe_route(torch.zeros(3, 16), None, 4, 4, 2, 1.0)
     assert ids.tolist() == [[0, 1, 2, 3]] * 3

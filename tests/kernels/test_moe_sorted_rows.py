@@ -29,20 +29,23 @@ def set_paths(monkeypatch, row_gemm, **settings):
         monkeypatch.setattr(triton_experts, name, value)
 
 
-@pytest.mark.parametrize("fwd_rows,row_gemm,bwd,fwd_gemms", [
-    ("sorted", "tma", "gmm_dw", "triton"), ("sorted", "tma", "triton", "triton"),
-    ("gather", "tma", "gmm_dw", "triton"), ("sorted", "pointer", "gmm_dw", "triton"),
-    ("sorted", "pointer", "gmm_dw", "gmm")])
+@pytest.mark.parametrize("fwd_rows,row_gemm,bwd,fwd_gemms,persistent", [
+    ("sorted", "tma", "gmm_dw", "triton", False), ("sorted", "tma", "triton", "triton", False),
+    ("gather", "tma", "gmm_dw", "triton", False), ("sorted", "pointer", "gmm_dw", "triton", False),
+    ("sorted", "pointer", "gmm_dw", "gmm", False), ("gather", "tma", "gmm_dw", "triton", True),
+    ("sorted", "tma", "triton", "triton", True)])
 @pytest.mark.parametrize("t,h,inter,e,k", [(37, 48, 32, 8, 3), (21, 40, 24, 6, 2)])
 def test_experts_sorted_rows_and_tma(triton_mode, monkeypatch, fwd_rows, row_gemm, bwd,
-                                     fwd_gemms, t, h, inter, e, k):
-    """x rows copied in the forward and kept (FWD_ROWS), the TMA row GEMMs (TMA_GEMMS) and the
-    grouped_mm forward (FWD_GEMMS), against the reference; experts 0 and e-1 idle; bitwise
-    reruns; forward batch invariance (of the Triton GEMMs: grouped_mm's on the GPU). 16-row
-    tiles cross expert boundaries; h=40 is no multiple of BLOCK_K 16 (the K-major TMA boxes zero-fill past K; the G GEMM, whose
-    weight boxes would run into the next expert, falls back to the pointer kernel)."""
+                                     fwd_gemms, persistent, t, h, inter, e, k):
+    """x rows copied in the forward and kept (FWD_ROWS), the TMA row GEMMs (TMA_GEMMS, also
+    as persistent kernels: PERSISTENT_GEMMS) and the grouped_mm forward (FWD_GEMMS),
+    against the reference; experts 0 and e-1 idle; bitwise reruns; forward batch invariance
+    (of the Triton GEMMs: grouped_mm's on the GPU). 16-row tiles cross expert boundaries;
+    h=40 is no multiple of BLOCK_K 16 (the K-major TMA boxes zero-fill past K; the G GEMM,
+    whose weight boxes would run into the next expert, falls back to the pointer kernel)."""
     set_paths(monkeypatch, row_gemm, FWD_ROWS=fwd_rows, BWD_GEMMS=bwd, FWD_GEMMS=fwd_gemms,
               PLAN="triton")
+    monkeypatch.setattr(triton_experts, "PERSISTENT_GEMMS", ALL_TMA if persistent else ())
     for name in ("gate_up_tma", "down_tma", "down_bwd_tma", "dx_tma"):
         monkeypatch.setitem(triton_experts.CONFIGS, name, SMALL_TMA)
     monkeypatch.setattr(triton_experts, "LAUNCHED", {})
@@ -54,7 +57,8 @@ def test_experts_sorted_rows_and_tma(triton_mode, monkeypatch, fwd_rows, row_gem
         assert torch.equal(moe_experts(x[:1], ids[:1], w[:1], wgu, wd), got[0][:1])
     launched = set(triton_experts.LAUNCHED)
     if row_gemm == "tma" and fwd_gemms == "triton":
-        assert "row_gemm_tma" in launched
+        assert ("row_gemm_tma_persistent" if persistent else "row_gemm_tma") in launched
+        assert ("row_gemm_tma" in launched) != persistent
         assert ("gate_up_tma" in launched) == (fwd_rows == "sorted")
 
 
@@ -106,3 +110,25 @@ def test_gpu_experts_forward_batch_invariant(monkeypatch, fwd_rows, row_gemm, fw
             assert torch.equal(part, full[lo:hi]), (lo, hi)
 
 
+
+
+@gpu
+@pytest.mark.gpu
+def test_gpu_persistent_row_gemms_same_bits(monkeypatch):
+    """The TMA row GEMMs as persistent kernels (PERSISTENT_GEMMS) give the bits of the
+    one-program-per-tile kernels, forward and gradients, at Ring-mini shapes in bf16."""
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("TMA needs sm90 or later")
+    set_paths(monkeypatch, "tma", PLAN="triton")
+    t, h, e, inter, k = 4096, MINI["h"], MINI["e"], MINI["inter"], MINI["k"]
+    w, ids = mini_routing(t, seed=15)
+    x, _, _, wgu, wd, dy = expert_inputs(t, h, inter, e, k, seed=15, device="cuda",
+                                         dtype=torch.bfloat16, ids=ids.cpu())
+    w = w.detach().requires_grad_()
+    runs = []
+    for persistent in (False, True):
+        monkeypatch.setattr(triton_experts, "PERSISTENT_GEMMS", ALL_TMA if persistent else ())
+        y = moe_experts(x, ids, w, wgu, wd)
+        runs.append((y, *torch.autograd.grad(y, (x, w, wgu, wd), dy)))
+    for name, a, b in zip(("y", "dx", "dw", "dwgu", "dwd"), *runs):
+        assert torch.equal(a, b), name

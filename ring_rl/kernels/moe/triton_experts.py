@@ -25,14 +25,13 @@ FWD_GEMMS="gmm" runs it through torch._grouped_mm (see there).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import torch
 import triton
 import triton.language as tl
 
 from ring_rl.kernels.moe import triton_plan
 from ring_rl.kernels.moe.tile_fit import fit_stages
+from ring_rl.kernels.moe.triton_plan import ExpertPlan
 from ring_rl.kernels.moe.triton_rows import (
     combine,
     gather_rows,
@@ -51,9 +50,9 @@ CONFIGS = {
     "wgrad": (128, 128, 64, 8, 3),       # per-expert A^T @ B over the expert's rows
     # TMA kernels (triton_tma.py) on rows already in expert order
     "gate_up_tma": (128, 128, 64, 8, 4),
-    "down_tma": (128, 256, 64, 8, 3),
-    "down_bwd_tma": (128, 256, 64, 8, 3),   # G = dy rows (sorted) @ Wd
-    "dx_tma": (128, 256, 64, 8, 3),
+    "down_tma": (128, 256, 64, 8, 4),       # persistent (PERSISTENT_GEMMS), H200
+    "down_bwd_tma": (128, 256, 64, 8, 3),   # G = dy rows (sorted) @ Wd; persistent
+    "dx_tma": (128, 256, 64, 8, 4),         # persistent
 }
 LAUNCHED = {}   # the last compiled kernel of each launcher (register / spill counts)
 
@@ -93,76 +92,19 @@ FWD_GEMMS = "triton"
 # "down_bwd" (G, on the dy rows copied for the dW GEMMs). The others -- and these where TMA
 # cannot take the shapes -- run the pointer kernels here, on the sorted rows where there
 # are some. At Ring-mini shapes on an H200 (benchmarks/results/moe.md): gate-up 1.13 vs
-# 1.28 ms, down 0.67 vs 0.73, dx 1.13 vs 1.18; G is faster in the pointer kernel on sorted
-# rows (0.47, TMA 0.53; 0.54 with the rows gathered in its loads).
-TMA_GEMMS = ("gate_up", "down", "dx")
+# 1.28 ms, down 0.67 vs 0.73, dx 1.13 vs 1.18 one program per tile; G 0.47 in the pointer
+# kernel vs 0.53 through TMA, but 0.45 as a persistent TMA kernel (PERSISTENT_GEMMS).
+TMA_GEMMS = ("gate_up", "down", "dx", "down_bwd")
+# The TMA row GEMMs that run as persistent kernels (one program per SM looping over the
+# tiles in use, instead of one program per tile; triton_tma.py): the loop lets the pipeliner
+# load a tile's first boxes while the last tile's results are stored, which pays where the
+# reduction is short. The same tiles and reduction order, so the same bits. H200, Ring-mini
+# shapes: down 0.659 -> 0.538 ms, dx 1.129 -> 1.027, G 0.515 -> 0.449 (the pointer kernels
+# looped this way got slower: gate-up 1.234 -> 1.327, G 0.533 -> 0.833).
+PERSISTENT_GEMMS = ("down", "dx", "down_bwd")
 # Expert plan: "torch" (torch.sort + small ops) or "triton" (counting sort, triton_plan.py:
 # 0.18 vs 0.48 ms at Ring-mini shapes, the same permutation bitwise).
 PLAN = "triton"
-
-
-@dataclass
-class ExpertPlan:
-    """The slot permutation of one routing: sorted rows -> token, slot; expert offsets."""
-    num_tokens: int
-    top_k: int
-    num_experts: int
-    tokens: torch.Tensor          # int32 [N]: token of each sorted row
-    slots: torch.Tensor           # int32 [N]: slot (t*k + j) of each sorted row
-    offsets: torch.Tensor         # int32 [E+1]
-    method: str = "torch"         # how tiles() is computed ("torch" or "triton")
-    _inverse: torch.Tensor | None = None
-    _cache: dict = field(default_factory=dict)
-
-    @property
-    def num_rows(self) -> int:
-        return self.num_tokens * self.top_k
-
-    @property
-    def inverse(self) -> torch.Tensor:
-        """int32 [N]: the sorted row of each slot (slot order -> sorted order)."""
-        if self._inverse is None:
-            inv = torch.empty_like(self.slots)
-            inv[self.slots.long()] = torch.arange(self.num_rows, device=inv.device,
-                                                  dtype=inv.dtype)
-            self._inverse = inv
-        return self._inverse
-
-    @property
-    def ends(self) -> torch.Tensor:
-        """int32 [E]: offsets[1:], torch._grouped_mm's `offs` (end row of each expert)."""
-        if "ends" not in self._cache:
-            self._cache["ends"] = self.offsets[1:].contiguous()
-        return self._cache["ends"]
-
-    @property
-    def by_load(self) -> torch.Tensor:
-        """int32 [E]: experts, most rows first (the Triton weight-gradient order)."""
-        if "by_load" not in self._cache:
-            counts = self.offsets[1:] - self.offsets[:-1]
-            self._cache["by_load"] = torch.sort(counts, descending=True,
-                                                stable=True).indices.int()
-        return self._cache["by_load"]
-
-    def tiles(self, block_m: int):
-        """(tile_expert, tile_row) int32 [bound]: expert and first row of each BLOCK_M tile;
-        tiles past the last hold expert E (the program exits). bound needs no host sync."""
-        key = ("tiles", block_m)
-        if key not in self._cache:
-            e = self.num_experts
-            bound = triton.cdiv(self.num_rows, block_m) + e
-            if self.method == "triton":
-                self._cache[key] = triton_plan.tile_plan(self.offsets, block_m, bound)
-            else:
-                off = self.offsets.long()
-                ntiles = (off[1:] - off[:-1] + block_m - 1) // block_m
-                cum = ntiles.cumsum(0)
-                tid = torch.arange(bound, device=off.device)
-                te = torch.searchsorted(cum, tid, right=True)
-                tc = te.clamp(max=e - 1)
-                row = off[tc] + (tid - (cum - ntiles)[tc]) * block_m
-                self._cache[key] = (te.int(), row.int())
-        return self._cache[key]
 
 
 def make_plan(ids: torch.Tensor, num_experts: int) -> ExpertPlan:
@@ -327,6 +269,7 @@ def gate_up(x, w_gate_up, plan: ExpertPlan, cfg=None, sorted_rows=False):
     return gu, h
 
 
+
 def gate_up_outputs(x, w_gate_up, plan: ExpertPlan):
     """(E, H, I, gu [N, 2I], h [N, I]): the gate-up GEMM's shapes and its empty outputs in
     x.dtype (both launchers: pointer and TMA)."""
@@ -350,7 +293,8 @@ def sorted_gemm(a, w, plan: ExpertPlan, transpose_w: bool, name: str, scatter_c=
     TMA (CONFIGS[name + '_tma']) where TMA_GEMMS asks for it and it can run."""
     if _use_tma(name, a, w, k_major=transpose_w):
         from ring_rl.kernels.moe import triton_tma
-        return triton_tma.row_gemm(a, w, plan, transpose_w, CONFIGS[name + "_tma"], scatter_c)
+        return triton_tma.row_gemm(a, w, plan, transpose_w, CONFIGS[name + "_tma"], scatter_c,
+                                   name)
     return row_gemm(a, w, plan, transpose_w, CONFIGS[name], scatter_c=scatter_c)
 
 

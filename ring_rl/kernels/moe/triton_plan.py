@@ -1,5 +1,6 @@
-"""Triton kernels for the expert plan: a stable counting sort of the slots by expert and the
-per-tile schedule of the grouped GEMMs (`triton_experts.PLAN = "triton"`).
+"""The expert plan (`ExpertPlan`: the slots sorted by expert, and the grouped GEMMs' per-tile
+schedule) and its Triton kernels: a stable counting sort and the tile schedule
+(`triton_experts.PLAN = "triton"`).
 
 They replace torch.sort(stable=True) (a radix sort of 64-bit keys) and the ~20 small torch
 ops of the plan with 5 launches, and give the same permutation bitwise: integers only.
@@ -13,6 +14,8 @@ ops of the plan with 5 launches, and give the same permutation bitwise: integers
 so equal experts keep slot order, exactly like the stable sort.
 """
 from __future__ import annotations
+
+from dataclasses import dataclass, field
 
 import torch
 import triton
@@ -75,10 +78,10 @@ def _place_kernel(ids_ptr, counts_ptr, csum_ptr, offs_ptr, tokens_ptr, slots_ptr
 
 
 @triton.jit
-def _tiles_kernel(offs_ptr, te_ptr, tr_ptr, E, bound, BM: tl.constexpr, BLOCK_E: tl.constexpr,
-                  BLOCK_T: tl.constexpr):
+def _tiles_kernel(offs_ptr, te_ptr, tr_ptr, count_ptr, E, bound, BM: tl.constexpr,
+                  BLOCK_E: tl.constexpr, BLOCK_T: tl.constexpr):
     """Tile t -> (expert, first row): expert e owns ceil(n_e / BM) consecutive tiles; tiles
-    past the last get expert E (their row is unused)."""
+    past the last get expert E (their row is unused). count = the tiles in use."""
     tid = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     ce = tl.arange(0, BLOCK_E)
     em = ce < E
@@ -91,6 +94,8 @@ def _tiles_kernel(offs_ptr, te_ptr, tr_ptr, E, bound, BM: tl.constexpr, BLOCK_E:
     row = tl.sum(tl.where(ce[None, :] == te[:, None], first[None, :], 0), axis=1) + tid * BM
     tl.store(te_ptr + tid, te, mask=tid < bound)
     tl.store(tr_ptr + tid, row, mask=tid < bound)
+    if tl.program_id(0) == 0:
+        tl.store(count_ptr, tl.sum(ntiles, axis=0))
 
 
 def counting_sort(ids: torch.Tensor, num_experts: int):
@@ -118,13 +123,86 @@ def counting_sort(ids: torch.Tensor, num_experts: int):
 
 
 def tile_plan(offsets: torch.Tensor, block_m: int, bound: int):
-    """(tile_expert, tile_row) int32 [bound] from offsets [E+1] (see _tiles_kernel)."""
+    """(tile_expert, tile_row) int32 [bound] and the count of tiles in use int32 [1] from
+    offsets [E+1] (see _tiles_kernel)."""
     e = offsets.numel() - 1
     te = torch.empty(bound, device=offsets.device, dtype=torch.int32)
     tr = torch.empty_like(te)
+    count = torch.empty(1, device=offsets.device, dtype=torch.int32)
     block_e = triton.next_power_of_2(e)
     block_t = max(16, 8192 // block_e)
-    _tiles_kernel[(triton.cdiv(bound, block_t),)](offsets, te, tr, e, bound, BM=block_m,
+    _tiles_kernel[(triton.cdiv(bound, block_t),)](offsets, te, tr, count, e, bound, BM=block_m,
                                                   BLOCK_E=block_e, BLOCK_T=block_t,
                                                   num_warps=4)
-    return te, tr
+    return te, tr, count
+
+
+@dataclass
+class ExpertPlan:
+    """The slot permutation of one routing: sorted rows -> token, slot; expert offsets."""
+    num_tokens: int
+    top_k: int
+    num_experts: int
+    tokens: torch.Tensor          # int32 [N]: token of each sorted row
+    slots: torch.Tensor           # int32 [N]: slot (t*k + j) of each sorted row
+    offsets: torch.Tensor         # int32 [E+1]
+    method: str = "torch"         # how tiles() is computed ("torch" or "triton")
+    _inverse: torch.Tensor | None = None
+    _cache: dict = field(default_factory=dict)
+
+    @property
+    def num_rows(self) -> int:
+        return self.num_tokens * self.top_k
+
+    @property
+    def inverse(self) -> torch.Tensor:
+        """int32 [N]: the sorted row of each slot (slot order -> sorted order)."""
+        if self._inverse is None:
+            inv = torch.empty_like(self.slots)
+            inv[self.slots.long()] = torch.arange(self.num_rows, device=inv.device,
+                                                  dtype=inv.dtype)
+            self._inverse = inv
+        return self._inverse
+
+    @property
+    def ends(self) -> torch.Tensor:
+        """int32 [E]: offsets[1:], torch._grouped_mm's `offs` (end row of each expert)."""
+        if "ends" not in self._cache:
+            self._cache["ends"] = self.offsets[1:].contiguous()
+        return self._cache["ends"]
+
+    @property
+    def by_load(self) -> torch.Tensor:
+        """int32 [E]: experts, most rows first (the Triton weight-gradient order)."""
+        if "by_load" not in self._cache:
+            counts = self.offsets[1:] - self.offsets[:-1]
+            self._cache["by_load"] = torch.sort(counts, descending=True,
+                                                stable=True).indices.int()
+        return self._cache["by_load"]
+
+    def tiles(self, block_m: int):
+        """(tile_expert, tile_row) int32 [bound]: expert and first row of each BLOCK_M tile;
+        tiles past the last hold expert E (the program exits). bound needs no host sync."""
+        return self._tile_plan(block_m)[:2]
+
+    def tile_count(self, block_m: int) -> torch.Tensor:
+        """int32 [1] on the device: the BLOCK_M tiles in use (the persistent kernels' loop)."""
+        return self._tile_plan(block_m)[2]
+
+    def _tile_plan(self, block_m: int):
+        key = ("tiles", block_m)
+        if key not in self._cache:
+            e = self.num_experts
+            bound = triton.cdiv(self.num_rows, block_m) + e
+            if self.method == "triton":
+                self._cache[key] = tile_plan(self.offsets, block_m, bound)
+            else:
+                off = self.offsets.long()
+                ntiles = (off[1:] - off[:-1] + block_m - 1) // block_m
+                cum = ntiles.cumsum(0)
+                tid = torch.arange(bound, device=off.device)
+                te = torch.searchsorted(cum, tid, right=True)
+                tc = te.clamp(max=e - 1)
+                row = off[tc] + (tid - (cum - ntiles)[tc]) * block_m
+                self._cache[key] = (te.int(), row.int(), cum[-1:].int())
+        return self._cache[key]

@@ -12,11 +12,14 @@ whatever the batch, so the forward stays batch invariant; no atomics, as everywh
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
+from ring_rl.kernels.moe import triton_experts as fx
 from ring_rl.kernels.moe.tile_fit import fit_stages
 from ring_rl.kernels.moe.triton_experts import (
     CONFIGS,
@@ -31,32 +34,52 @@ from ring_rl.kernels.moe.triton_experts import (
 
 
 @triton.jit
-def _row_gemm_tma_kernel(a_desc, b_desc, c_ptr, slot_ptr, tile_e_ptr, tile_row_ptr, offs_ptr,
-                         N, K, E, B_ROWS, B_KMAJOR: tl.constexpr, SCATTER_C: tl.constexpr,
-                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                         PREC: tl.constexpr):
-    """C[rows] = A[rows] @ B_e for the rows of expert e. B_KMAJOR: w_e is stored [N, K] and
-    its tile is the box (e*B_ROWS + n, k) of the [E*N, K] view (dotted transposed); else w_e
-    is [K, N] and the box is (e*B_ROWS + k, n) of the [E*K, N] view (K % BLOCK_K == 0, or a
-    box would reach into the next expert's rows)."""
+def _row_gemm_tma_tile(a_desc, b_desc, c_ptr, slot_ptr, tile_e_ptr, tile_row_ptr, offs_ptr,
+                       tile, N, K, E, B_ROWS, B_KMAJOR: tl.constexpr, SCATTER_C: tl.constexpr,
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                       PREC: tl.constexpr):
+    """C[rows] = A[rows] @ B_e for the rows of expert e in row tile tile // num_n. B_KMAJOR:
+    w_e is stored [N, K] and its tile is the box (e*B_ROWS + n, k) of the [E*N, K] view
+    (dotted transposed); else w_e is [K, N] and the box is (e*B_ROWS + k, n) of the [E*K, N]
+    view (K % BLOCK_K == 0, or a box would reach into the next expert's rows)."""
     num_n = (N + BLOCK_N - 1) // BLOCK_N
-    pid_m = tl.program_id(0) // num_n
-    pid_n = tl.program_id(0) % num_n
+    pid_m = tile // num_n
     e, rows, rmask = _tile(tile_e_ptr, tile_row_ptr, offs_ptr, pid_m, E, BLOCK_M)
-    if e >= E:
-        return
     row0 = tl.load(tile_row_ptr + pid_m)
-    n0 = pid_n * BLOCK_N
+    n0 = (tile % num_n) * BLOCK_N
     b_row = e * B_ROWS
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        a = a_desc.load([row0, k0])
+    for ki in range((K + BLOCK_K - 1) // BLOCK_K):
+        a = a_desc.load([row0, ki * BLOCK_K])
         if B_KMAJOR:
-            acc = tl.dot(a, b_desc.load([b_row + n0, k0]).T, acc, input_precision=PREC)
+            acc = tl.dot(a, b_desc.load([b_row + n0, ki * BLOCK_K]).T, acc,
+                         input_precision=PREC)
         else:
-            acc = tl.dot(a, b_desc.load([b_row + k0, n0]), acc, input_precision=PREC)
+            acc = tl.dot(a, b_desc.load([b_row + ki * BLOCK_K, n0]), acc,
+                         input_precision=PREC)
     cols = n0 + tl.arange(0, BLOCK_N)
     _store_rows(c_ptr, acc, rows, rmask, cols, cols < N, N, slot_ptr, SCATTER_C)
+
+
+@triton.jit
+def _row_gemm_tma_kernel(a_desc, b_desc, c_ptr, slot_ptr, tile_e_ptr, tile_row_ptr, offs_ptr,
+                         count_ptr, N, K, E, B_ROWS, B_KMAJOR: tl.constexpr,
+                         SCATTER_C: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                         BLOCK_K: tl.constexpr, PREC: tl.constexpr, PROGRAMS: tl.constexpr):
+    """One (row tile, column block) per program (PROGRAMS = 0), or PROGRAMS persistent
+    programs looping over the tiles in use (triton_experts.PERSISTENT_GEMMS)."""
+    if PROGRAMS == 0:
+        num_n = (N + BLOCK_N - 1) // BLOCK_N
+        if tl.load(tile_e_ptr + tl.program_id(0) // num_n) < E:
+            _row_gemm_tma_tile(a_desc, b_desc, c_ptr, slot_ptr, tile_e_ptr, tile_row_ptr,
+                               offs_ptr, tl.program_id(0), N, K, E, B_ROWS, B_KMAJOR,
+                               SCATTER_C, BLOCK_M, BLOCK_N, BLOCK_K, PREC)
+    else:
+        total = tl.load(count_ptr) * ((N + BLOCK_N - 1) // BLOCK_N)
+        for t in tl.range(tl.program_id(0), total, PROGRAMS, flatten=True):
+            _row_gemm_tma_tile(a_desc, b_desc, c_ptr, slot_ptr, tile_e_ptr, tile_row_ptr,
+                               offs_ptr, t, N, K, E, B_ROWS, B_KMAJOR, SCATTER_C, BLOCK_M,
+                               BLOCK_N, BLOCK_K, PREC)
 
 
 @triton.jit
@@ -107,7 +130,7 @@ def _desc(t: torch.Tensor, block) -> TensorDescriptor:
     return TensorDescriptor(t, list(t.shape), list(t.stride()), list(block))
 
 
-def row_gemm(a, w, plan: ExpertPlan, transpose_w: bool, cfg, scatter_c=True):
+def row_gemm(a, w, plan: ExpertPlan, transpose_w: bool, cfg, scatter_c=True, name=None):
     """c [N, n]: c[r] = a[r] @ (w_e^T if transpose_w else w_e), a [N, K] in expert order;
     c in slot order when scatter_c, else sorted (triton_experts.row_gemm's contract)."""
     bm, bn, bk, warps, stages = cfg
@@ -121,11 +144,29 @@ def row_gemm(a, w, plan: ExpertPlan, transpose_w: bool, cfg, scatter_c=True):
         b_desc, b_rows = _desc(w.view(e * k, n), (bk, bn)), k
     c = torch.empty(plan.num_rows, n, device=a.device, dtype=a.dtype)
     te, tr = plan.tiles(bm)
-    LAUNCHED["row_gemm_tma"] = _row_gemm_tma_kernel[(te.numel() * triton.cdiv(n, bn),)](
-        _desc(a, (bm, bk)), b_desc, c, plan.slots, te, tr, plan.offsets, n, k, e, b_rows,
-        B_KMAJOR=transpose_w, SCATTER_C=scatter_c, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
-        PREC=_prec(a), num_warps=warps, num_stages=stages)
+    grid, programs = programs_for(te.numel() * triton.cdiv(n, bn), a, name)
+    LAUNCHED["row_gemm_tma_persistent" if programs else "row_gemm_tma"] = \
+        _row_gemm_tma_kernel[(grid,)](
+            _desc(a, (bm, bk)), b_desc, c, plan.slots, te, tr, plan.offsets,
+            plan.tile_count(bm), n, k, e, b_rows, B_KMAJOR=transpose_w, SCATTER_C=scatter_c,
+            BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, PREC=_prec(a), PROGRAMS=programs,
+            num_warps=warps, num_stages=stages)
     return c
+
+
+def programs_for(tiles: int, a: torch.Tensor, name: str | None):
+    """(grid, PROGRAMS) of a launch over `tiles` output tiles: (tiles, 0), one program per
+    tile, or -- for the GEMMs in triton_experts.PERSISTENT_GEMMS -- one persistent program
+    per SM (3 under the interpreter, so that its tests loop)."""
+    if name not in fx.PERSISTENT_GEMMS:
+        return tiles, 0
+    programs = min(tiles, _sm_count(a.device.index) if a.is_cuda else 3)
+    return programs, programs
+
+
+@functools.cache
+def _sm_count(device: int | None) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def gate_up(xs, w_gate_up, plan: ExpertPlan, cfg=None):

@@ -1,0 +1,95 @@
+"""Where the MoE block's fwd+bwd time goes between kernels: a torch.profiler timeline of
+a few calls timed as `benchmarks/moe.py` times them (L2 flushed before each), printed as one
+call's kernels in launch order with the idle gap before each, plus the host time per call
+(does the CPU keep ahead of the GPU?). Run on the GPU machine from benchmarks/:
+`python3 moe_timeline.py`.
+"""
+from __future__ import annotations
+
+import sys
+import time
+
+import torch
+from moe import FLOPS_FWD, bench, block, fwd_bwd, make_inputs, matmul_peak
+
+
+def main():
+    peak = matmul_peak()
+    x, gate, bias, wgu, wd, dy = make_inputs()
+    run = fwd_bwd(lambda: block(x, gate, bias, wgu, wd), (x, gate, wgu, wd), dy)
+    ms = bench(run)
+    print(f"peak {peak:.0f} TFLOP/s; block fwd+bwd {ms:.3f} ms = "
+          f"{300 * FLOPS_FWD / (ms * 1e9) / peak:.1f}% of peak")
+    flush = torch.empty(256 * 2**20, device="cuda", dtype=torch.int8)
+    for _ in range(5):
+        run()
+    torch.cuda.synchronize()
+    host = []
+    for _ in range(20):            # host time per call, GPU not waited for
+        flush.zero_()
+        t0 = time.perf_counter()
+        run()
+        host.append(time.perf_counter() - t0)
+    torch.cuda.synchronize()
+    host.sort()
+    print(f"host time per call (no sync): median {1e3 * host[10]:.3f} ms, "
+          f"min {1e3 * host[0]:.3f} ms")
+    evs = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+           for _ in range(40)]
+    for a, b in evs:               # do_bench's loop, by hand
+        flush.zero_()
+        a.record()
+        run()
+        b.record()
+    torch.cuda.synchronize()
+    ev = sorted(a.elapsed_time(b) for a, b in evs)
+    print(f"event-timed calls: median {ev[20]:.3f} ms, min {ev[0]:.3f}, max {ev[-1]:.3f}")
+    from torch.profiler import ProfilerActivity, profile
+    sustained = "--sustained" in sys.argv
+    if sustained:                  # profile calls 30-33 of a busy stretch (do_bench's state)
+        for _ in range(30):
+            flush.zero_()
+            run()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(4):
+            flush.zero_()
+            run()
+        torch.cuda.synchronize()
+    kernels = sorted((e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA
+                      and e.device_time_total > 0 and "Memcpy" not in e.name),
+                     key=lambda e: e.time_range.start)
+    # split into calls at the flush kernels (a fill of the 256 MiB buffer)
+    flushes = [k for k in kernels if "fill" in k.name.lower() and k.time_range.elapsed_us() > 20]
+    print("flush kernels (us):", [round(k.time_range.elapsed_us(), 1) for k in flushes])
+    for f in flushes:
+        nxt = next((k for k in kernels if k.time_range.start >= f.time_range.end), None)
+        if nxt is not None:
+            print(f"  flush end -> next kernel {nxt.name[:30]}: "
+                  f"{nxt.time_range.start - f.time_range.end:.1f} us")
+    calls, cur = [], []
+    for k in kernels:
+        if "fill" in k.name.lower() and k.time_range.elapsed_us() > 20 and cur:
+            calls.append(cur)
+            cur = []
+        elif "fill" in k.name.lower() and k.time_range.elapsed_us() > 20:
+            continue
+        else:
+            cur.append(k)
+    calls.append(cur)
+    one = calls[2] if len(calls) > 2 else calls[-1]
+    t0 = one[0].time_range.start
+    busy = sum(k.time_range.elapsed_us() for k in one)
+    span = one[-1].time_range.end - t0
+    print(f"\none call: {len(one)} kernels, span {span / 1e3:.3f} ms, kernel time "
+          f"{busy / 1e3:.3f} ms, idle {(span - busy) / 1e3:.3f} ms\n")
+    print("| # | start us | gap us | dur us | kernel |")
+    print("|---|---|---|---|---|")
+    prev = t0
+    for i, k in enumerate(one):
+        s, d = k.time_range.start, k.time_range.elapsed_us()
+        print(f"| {i} | {s - t0:.0f} | {s - prev:.1f} | {d:.1f} | {k.name[:80]} |")
+        prev = s + d
+
+
+if __name__ == "__main__":
+    main()
