@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ring_rl import kernels
 from ring_rl.kernels.packing import pad_packed, token_coords
 from ring_rl.model.cache import SeqBatch, SharedPrefix
 from ring_rl.model.config import RingLinearConfig
@@ -188,16 +189,10 @@ def _shared_prefix_attention(q, k, v, sp: SharedPrefix) -> torch.Tensor:
 
 def _shared_lightning(ops: ModelOps, q, k, v, decay, scale: float, sp: SharedPrefix) -> torch.Tensor:
     """Lightning attention over a SharedPrefix layout: the prompts first, then each
-    continuation from its prompt's final state (the state's gradient flows back into the
-    prompt, summed over the group)."""
-    n = sp.prefix_tokens
-    o, final = ops.lightning_attn(q[None, :n], k[None, :n], v[None, :n].contiguous(), decay, scale=scale,
-                                  output_final_state=True, cu_seqlens=sp.prefix_cu)
-    if q.shape[0] == n:
-        return o[0]
-    o_suf, _ = ops.lightning_attn(q[None, n:], k[None, n:], v[None, n:].contiguous(), decay, scale=scale,
-                                  initial_state=final, initial_state_index=sp.parent, cu_seqlens=sp.suffix_cu)
-    return torch.cat([o[0], o_suf[0]])
+    continuation as the tail of one sequence with its prompt (the prompt's gradient sums
+    over the group). `lightning_attn_shared`, through the op set's lightning_attn."""
+    return kernels.lightning_attn_shared(q, k, v, decay, scale, sp.prefix_cu, sp.suffix_cu, sp.parent,
+                                         lightning=ops.lightning_attn)
 
 
 def _decode_attention(q, k, v, batch: SeqBatch, layer_idx: int) -> torch.Tensor:

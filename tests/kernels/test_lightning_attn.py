@@ -14,7 +14,6 @@ keeps this file under a minute; GPU cases (marked gpu) repeat them at H=16, K=V=
 """
 from __future__ import annotations
 
-
 import pytest
 import torch
 
@@ -23,6 +22,7 @@ from ring_rl.kernels.lightning_attn import (
     lightning_attn,
     lightning_attn_decode,
     lightning_attn_decode_ref,
+    lightning_attn_shared,
     naive_lightning_attn,
     recurrent_lightning_attn_ref,
     triton_chunk,
@@ -171,6 +171,48 @@ def test_shared_initial_states(monkeypatch, mode):
         lightning_attn(q, k, v, g, None, states, False, cu, initial_state_index=index[:5])
     with pytest.raises(ValueError, match="initial_state_index"):
         lightning_attn(q, k, v, g, None, states[..., :8], False, cu, initial_state_index=index)
+
+
+@pytest.mark.parametrize("decay", ["model-late-layer", "extreme"])
+@pytest.mark.parametrize("mode", ["auto", "reference"])
+def test_shared_prompts_layout_matches_whole_sequences(monkeypatch, mode, decay):
+    """lightning_attn_shared: 3 prompts (9, 1, 4 tokens), then 6 continuations (1..5 tokens)
+    of them, unordered. Against the fp64 naive form of each prompt alone and of each
+    prompt + continuation as one sequence: the same outputs, and q/k/v gradients summed over
+    a prompt's continuations. auto: the CPU batched form over gathered prompt keys;
+    reference: the prompts' final states carried into the continuations."""
+    monkeypatch.setenv("RING_RL_KERNELS", mode)
+    gen = torch.Generator().manual_seed(5)
+    H, K, V = 2, 16, 32
+    plens, slens, parent = [9, 1, 4], [3, 1, 5, 2, 4, 1], torch.tensor([2, 0, 2, 1, 0, 0])
+    n, total = sum(plens), sum(plens) + sum(slens)
+    prefix_cu = torch.tensor([0, *torch.tensor(plens).cumsum(0).tolist()], dtype=torch.int32)
+    suffix_cu = torch.tensor([0, *torch.tensor(slens).cumsum(0).tolist()], dtype=torch.int32)
+    q, k, v, do = (torch.randn(total, H, d, generator=gen) for d in (K, K, V, V))
+    g = DECAYS[decay](H).float()
+    # whole sequences: each prompt alone, then prompt + continuation for each continuation
+    rows = [list(range(s, e)) for s, e in zip(prefix_cu[:-1].tolist(), prefix_cu[1:].tolist())]
+    tails = [list(range(n + s, n + e)) for s, e in zip(suffix_cu[:-1].tolist(), suffix_cu[1:].tolist())]
+    whole = rows + [rows[int(u)] + tail for u, tail in zip(parent, tails)]
+    index = torch.tensor([r for seq in whole for r in seq])
+    whole_cu = torch.tensor([0, *torch.tensor([len(s) for s in whole]).cumsum(0).tolist()], dtype=torch.int32)
+    # the output rows that are this layout's: each prompt's, then each continuation's tail
+    out_rows, at = [], 0
+    for i, seq in enumerate(whole):
+        out_rows += list(range(at, at + len(seq))) if i < len(rows) else list(range(at + len(seq) - len(tails[i - len(rows)]), at + len(seq)))
+        at += len(seq)
+
+    def grads(o, leaves):
+        (o.double() * do.double()).sum().backward()
+        return [o] + [x.grad for x in leaves]
+
+    leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+    got = grads(lightning_attn_shared(*leaves, g, None, prefix_cu, suffix_cu, parent), leaves)
+    ref_leaves = [x.double().requires_grad_() for x in (q, k, v)]
+    o_ref, _ = naive_lightning_attn(*(x[index][None] for x in ref_leaves), g.double(), cu_seqlens=whole_cu)
+    want = grads(o_ref[0][torch.tensor(out_rows)], ref_leaves)
+    for name, a, b in zip(("o", "dq", "dk", "dv"), got, want):
+        assert_close(a, b, TOL[torch.float32], name)
 
 
 @pytest.mark.parametrize("decay", sorted(DECAYS))

@@ -4,6 +4,7 @@
                                     output_final_state=False, cu_seqlens=None,
                                     initial_state_index=None)
     o = lightning_attn_decode(q, k, v, log_decay, state, state_indices=None, scale=None)
+    o = lightning_attn_shared(q, k, v, log_decay, scale, prefix_cu, suffix_cu, parent, lightning=None)
 
 The maths is defined in `reference.py`. Dispatch (see `ring_rl.kernels.dispatch`): Triton on
 CUDA tensors (chunked kernels in `triton_chunk.py` / `triton_chunk_bwd.py`, the one-step kernel
@@ -18,7 +19,6 @@ from __future__ import annotations
 import torch
 
 from ring_rl.kernels.dispatch import kernel_mode, use_triton
-from ring_rl.kernels.lightning_attn.torch_batched import MAX_LEN, lightning_attn_batched
 from ring_rl.kernels.lightning_attn.reference import (
     _check,
     chunk_lightning_attn_ref,
@@ -26,10 +26,16 @@ from ring_rl.kernels.lightning_attn.reference import (
     naive_lightning_attn,
     recurrent_lightning_attn_ref,
 )
+from ring_rl.kernels.lightning_attn.torch_batched import (
+    MAX_LEN,
+    lightning_attn_batched,
+    lightning_attn_shared_batched,
+)
 
 __all__ = [
     "lightning_attn",
     "lightning_attn_decode",
+    "lightning_attn_shared",
     "naive_lightning_attn",
     "chunk_lightning_attn_ref",
     "recurrent_lightning_attn_ref",
@@ -102,6 +108,33 @@ def lightning_attn(q, k, v, log_decay, scale=None, initial_state=None,
                                         output_final_state, cu_seqlens)
     return LightningAttnFunction.apply(q, k, v, log_decay, scale, initial_state,
                                        output_final_state, cu_seqlens)
+
+
+def lightning_attn_shared(q, k, v, log_decay, scale, prefix_cu, suffix_cu, parent, lightning=None):
+    """Prompts shared by groups of continuations, in one flat batch: q, k [N, H, K], v [N, H, V]
+    hold the prompts packed by prefix_cu (int [U+1]), then the continuations packed by
+    suffix_cu (int [S+1]), continuation j carrying on from prompt parent[j] (long [S]).
+    Returns o [N, H, V] in v's dtype: each prompt's outputs, then each continuation's as the
+    tail of one sequence with its prompt. On CPU with short sequences (prompt + continuation
+    <= MAX_LEN) the batched quadratic form over the gathered prompt keys (torch_batched.py);
+    otherwise the prompts' final states carried into the continuations (`initial_state_index`)
+    through `lightning` (default `lightning_attn`; another one, e.g. an op set's recording
+    wrapper, always takes that path)."""
+    n = int(prefix_cu[-1])
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    longest = _longest(q[None, :n], prefix_cu) + _longest(q[None, n:], suffix_cu)
+    if (lightning in (None, lightning_attn) and not use_triton(q, k, v) and kernel_mode() == "auto"
+            and longest <= MAX_LEN):
+        return lightning_attn_shared_batched(q, k, v, log_decay, scale, prefix_cu, suffix_cu, parent)
+    lightning = lightning or lightning_attn
+    (q_pre, q_suf), (k_pre, k_suf), (v_pre, v_suf) = (t.split([n, t.shape[0] - n]) for t in (q, k, v))
+    o, final = lightning(q_pre[None], k_pre[None], v_pre[None].contiguous(), log_decay, scale=scale,
+                         output_final_state=True, cu_seqlens=prefix_cu)
+    if q_suf.shape[0] == 0:
+        return o[0]
+    o_suf, _ = lightning(q_suf[None], k_suf[None], v_suf[None].contiguous(), log_decay, scale=scale,
+                         initial_state=final, initial_state_index=parent, cu_seqlens=suffix_cu)
+    return torch.cat([o[0], o_suf[0]])
 
 
 def _longest(q, cu_seqlens) -> int:

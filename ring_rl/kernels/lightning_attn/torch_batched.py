@@ -72,3 +72,41 @@ def _from_shared_states(qp: torch.Tensor, states: torch.Tensor, index: torch.Ten
     grouped = qp.new_zeros((u, int(counts.max()), *qp.shape[1:]))   # [U, G, T, H, K]
     grouped = grouped.index_put((index, rank), qp)
     return torch.einsum("ugthk,uhkv->ugthv", grouped, states)[index, rank]
+
+
+def lightning_attn_shared_batched(q, k, v, log_decay, scale, prefix_cu, suffix_cu, parent):
+    """Packed prompts (prefix_cu) followed by packed continuations (suffix_cu), continuation j
+    carrying on from prompt parent[j]: q/k [N, H, K], v [N, H, V] → o [N, H, V] in v's dtype.
+
+    The quadratic form over each continuation's own keys and its prompt's keys (gathered per
+    continuation): a continuation token at t after a prompt of L tokens weighs prompt key p by
+    λ^(L + t - p), as if the two were one sequence. The same sum as starting from the prompt's
+    final state, summed in another order; short prompts never build a [K, V] state per prompt
+    nor spread it over the group, and the keys' gradient sums over the group in the gather's."""
+    n, out_dtype = int(prefix_cu[-1]), v.dtype
+    (qp, qs), (kp, ks), (vp, vs) = (t.float().split([n, t.shape[0] - n]) for t in (q, k, v))
+    g = log_decay.float().to(q.device)
+    pre, suf = token_coords(prefix_cu.to(q.device)), token_coords(suffix_cu.to(q.device))
+    plen = torch.diff(prefix_cu).long().to(q.device)
+    tp = int(plen.max()) if plen.numel() else 0
+    Qp, Kp, Vp = (pad_packed(t, pre, plen.numel(), tp) for t in (qp, kp, vp))
+    ap = torch.arange(tp, device=q.device, dtype=torch.float32)
+    dist = ap[:, None] - ap[None, :]
+    decay = torch.exp(g[:, None, None] * dist.clamp(min=0)) * (dist >= 0)          # [H, T, T]
+    o = torch.einsum("bhts,bshv->bthv", torch.einsum("bthk,bshk->bhts", Qp, Kp) * decay[None], Vp)[pre]
+    if qs.shape[0] > 0:
+        nsuf = suffix_cu.numel() - 1
+        ts = int(torch.diff(suffix_cu).max())
+        Qs, Ks, Vs = (pad_packed(t, suf, nsuf, ts) for t in (qs, ks, vs))
+        parent = parent.to(q.device)
+        own = torch.arange(ts, device=q.device, dtype=torch.float32)
+        to_prompt = plen[parent].float()[:, None, None] + own[None, :, None] - ap[None, None, :]  # L + t - p
+        seen = (ap[None, :] < plen[parent].float()[:, None])[:, None, :].expand(-1, ts, -1)
+        own_dist = (own[:, None] - own[None, :]).expand(nsuf, -1, -1)
+        expo = torch.cat([to_prompt, own_dist], -1)                          # [S, T_own, T_prompt + T_own]
+        seen = torch.cat([seen, own_dist >= 0], -1)
+        decay = torch.exp(g[None, :, None, None] * expo.clamp(min=0)[:, None]) * seen[:, None]
+        keys, values = torch.cat([Kp[parent], Ks], 1), torch.cat([Vp[parent], Vs], 1)
+        o_suf = torch.einsum("bhts,bshv->bthv", torch.einsum("bthk,bshk->bhts", Qs, keys) * decay, values)
+        o = torch.cat([o, o_suf[suf]])
+    return (o * scale).to(out_dtype)
