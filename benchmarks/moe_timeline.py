@@ -44,6 +44,12 @@ def main():
     torch.cuda.synchronize()
     ev = sorted(a.elapsed_time(b) for a, b in evs)
     print(f"event-timed calls: median {ev[20]:.3f} ms, min {ev[0]:.3f}, max {ev[-1]:.3f}")
+    t0 = time.perf_counter()
+    for _ in range(40):            # throughput by the wall clock, flush (~0.08 ms) included
+        flush.zero_()
+        run()
+    torch.cuda.synchronize()
+    print(f"wall clock per call, flush included: {(time.perf_counter() - t0) * 25:.3f} ms")
     from torch.profiler import ProfilerActivity, profile
     sustained = "--sustained" in sys.argv
     if sustained:                  # profile calls 30-33 of a busy stretch (do_bench's state)
