@@ -28,7 +28,22 @@ class TensorList(list):
 class TensorDict(dict):
     """A name -> tensor dict (e.g. a state dict) pickled like `TensorList`."""
 
+    _flat = None   # (buffers, layout) when built by `packed`
+
+    @classmethod
+    def packed(cls, items) -> TensorDict:
+        """(name, tensor) pairs copied once into one CPU buffer per dtype; the dict holds views
+        of it, and pickling sends the buffers as they are. The trainer's weights for the
+        rollout: one copy on its critical path instead of a copy and then a concatenation."""
+        names, tensors = zip(*items) if items else ((), ())
+        buffers, layout = _flatten(list(tensors))
+        out = cls(zip(names, _unflatten(buffers, layout)))
+        out._flat = (buffers, layout)
+        return out
+
     def __reduce__(self):
+        if self._flat is not None:
+            return _unflatten_dict, (list(self), *self._flat)
         return _unflatten_dict, (list(self), *_flatten(list(self.values())))
 
 

@@ -82,6 +82,23 @@ def test_tensor_list_and_dict_keep_entries_apart():
     assert _transport(state) == (0, 2)  # one fp32 buffer, one int64 buffer
 
 
+def test_packed_tensor_dict_is_a_copy_sent_as_is():
+    """TensorDict.packed (the trainer's weights for the rollout): a copy of the tensors taken
+    at once, held as views of one buffer per dtype, pickled without another concatenation."""
+    src = {"w": torch.randn(3, 4), "n": torch.arange(5), "b": torch.randn(2)}
+    state = TensorDict.packed(list(src.items()))
+    want = {k: v.clone() for k, v in src.items()}
+    src["w"].add_(1.0)                                     # the live weights move on
+    assert all(torch.equal(state[k], want[k]) for k in want)
+    buffers = [b for b, _ in state._flat[0]]
+    state["w"].mul_(2.0)                                   # the dict's tensors are the buffers' views
+    assert torch.equal(torch.from_numpy(buffers[0]).view(torch.float32)[:12].view(3, 4), state["w"])
+    loaded = pickle.loads(pickle.dumps(state))
+    assert list(loaded) == ["w", "n", "b"] and all(torch.equal(loaded[k], state[k]) for k in state)
+    assert _transport(state) == (0, 2)
+    assert TensorDict.packed([]) == {}
+
+
 def test_policy_lag():
     assert check_policy_lag(5, 5, 0) == 0 and check_policy_lag(5, 4, 1) == 1
     for trainer, rollout, allowed in ((5, 4, 0), (5, 3, 1), (4, 5, 1)):

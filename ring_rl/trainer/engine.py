@@ -338,7 +338,7 @@ class TrainerEngine:
     def weights_for_rollout(self) -> tuple[int, dict[str, torch.Tensor]]:
         """(version, CPU copies of the model's state_dict) — full tensors even under ZeRO-3."""
         with self._gathered():
-            state = TensorDict((k, v.detach().to("cpu", copy=True)) for k, v in self.model.state_dict().items())
+            state = TensorDict.packed([(k, v.detach()) for k, v in self.model.state_dict().items()])
         return self.version, state
 
     def save_model(self, directory: str | os.PathLike) -> None:
