@@ -97,5 +97,65 @@ def main():
         prev = s + d
 
 
+def phases():
+    """Event pairs around each launcher of the block (no profiler attached), over 30 calls
+    timed as do_bench times them: which parts take longer than their kernels do under the
+    profiler."""
+    from ring_rl.kernels.moe import triton_experts as kx
+    from ring_rl.kernels.moe import triton_experts_bwd as kb
+    from ring_rl.kernels.moe import triton_router as kr
+    from ring_rl.kernels.moe import triton_rows as krows
+    from ring_rl.kernels.moe import triton_tma as kt
+
+    spans: dict[str, list] = {}
+
+    def timed(mod, name, label):
+        fn = getattr(mod, name)
+
+        def wrapper(*a, **k):
+            a0, b0 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a0.record()
+            out = fn(*a, **k)
+            b0.record()
+            spans.setdefault(label, []).append((a0, b0))
+            return out
+        setattr(mod, name, wrapper)
+
+    for mod, name in [(kx, "make_plan"), (kx, "gate_up"), (kt, "row_gemm"), (kx, "combine"),
+                      (kb, "gather_rows"), (kb, "swiglu_bwd"), (kb, "grouped_wgrad"),
+                      (kb, "combine"), (kr, "matmul_fp32"), (kr, "select_experts")]:
+        timed(mod, name, f"{mod.__name__.rsplit('.', 1)[1]}.{name}")
+    del krows
+    x, gate, bias, wgu, wd, dy = make_inputs()
+    run = fwd_bwd(lambda: block(x, gate, bias, wgu, wd), (x, gate, wgu, wd), dy)
+    flush = torch.empty(256 * 2**20, device="cuda", dtype=torch.int8)
+    for _ in range(5):
+        run()
+    torch.cuda.synchronize()
+    spans.clear()
+    whole = []
+    for _ in range(30):
+        flush.zero_()
+        a0, b0 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a0.record()
+        run()
+        b0.record()
+        whole.append((a0, b0))
+    torch.cuda.synchronize()
+    total = sum(a.elapsed_time(b) for a, b in whole) / 30
+    print(f"\nper call (events, 30 calls): {total:.3f} ms")
+    print("| launcher | calls per block | ms per block |")
+    print("|---|---|---|")
+    acc = 0.0
+    for label, pairs in spans.items():
+        ms = sum(a.elapsed_time(b) for a, b in pairs) / 30
+        acc += ms
+        print(f"| {label} | {len(pairs) / 30:.0f} | {ms:.3f} |")
+    print(f"| (sum of the above) | | {acc:.3f} |")
+
+
 if __name__ == "__main__":
-    main()
+    if "--phases" in sys.argv:
+        phases()
+    else:
+        main()
