@@ -9,6 +9,9 @@ viewed as [E * rows, cols]. A tile's rows past its expert's last belong to the n
 (or lie past the end and are zero-filled): they are computed and masked at the store, like
 the pointer kernels' masked rows. Every row's sum runs over k in the same BLOCK_K steps
 whatever the batch, so the forward stays batch invariant; no atomics, as everywhere here.
+The row GEMMs run one program per (row tile, column block), or as persistent kernels
+(`triton_experts.PERSISTENT_GEMMS`): one program per SM walking the tiles in use, whose
+count the tile plan leaves on the device (no host sync), with the same tiles and sums.
 """
 from __future__ import annotations
 
@@ -132,7 +135,8 @@ def _desc(t: torch.Tensor, block) -> TensorDescriptor:
 
 def row_gemm(a, w, plan: ExpertPlan, transpose_w: bool, cfg, scatter_c=True, name=None):
     """c [N, n]: c[r] = a[r] @ (w_e^T if transpose_w else w_e), a [N, K] in expert order;
-    c in slot order when scatter_c, else sorted (triton_experts.row_gemm's contract)."""
+    c in slot order when scatter_c, else sorted (triton_experts.row_gemm's contract).
+    name: the GEMM's name ("down", "dx", "down_bwd"), persistent if in PERSISTENT_GEMMS."""
     bm, bn, bk, warps, stages = cfg
     stages = fit_stages(bm, bn, bk, stages, a.dtype)
     e, k = w.shape[0], a.shape[1]
