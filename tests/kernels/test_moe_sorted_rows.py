@@ -110,8 +110,6 @@ def test_gpu_experts_forward_batch_invariant(monkeypatch, fwd_rows, row_gemm, fw
             assert torch.equal(part, full[lo:hi]), (lo, hi)
 
 
-
-
 @gpu
 @pytest.mark.gpu
 def test_gpu_persistent_row_gemms_same_bits(monkeypatch):
