@@ -65,7 +65,10 @@ def main():
                       and e.device_time_total > 0 and "Memcpy" not in e.name),
                      key=lambda e: e.time_range.start)
     # split into calls at the flush kernels (a fill of the 256 MiB buffer)
-    flushes = [k for k in kernels if "fill" in k.name.lower() and k.time_range.elapsed_us() > 20]
+    def is_flush(k):
+        return "fill" in k.name.lower() and k.time_range.elapsed_us() > 20
+
+    flushes = [k for k in kernels if is_flush(k)]
     print("flush kernels (us):", [round(k.time_range.elapsed_us(), 1) for k in flushes])
     for f in flushes:
         nxt = next((k for k in kernels if k.time_range.start >= f.time_range.end), None)
@@ -74,13 +77,11 @@ def main():
                   f"{nxt.time_range.start - f.time_range.end:.1f} us")
     calls, cur = [], []
     for k in kernels:
-        if "fill" in k.name.lower() and k.time_range.elapsed_us() > 20 and cur:
+        if not is_flush(k):
+            cur.append(k)
+        elif cur:
             calls.append(cur)
             cur = []
-        elif "fill" in k.name.lower() and k.time_range.elapsed_us() > 20:
-            continue
-        else:
-            cur.append(k)
     calls.append(cur)
     one = calls[2] if len(calls) > 2 else calls[-1]
     t0 = one[0].time_range.start

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import pickle
 
+import numpy as np
 import pytest
 import torch
 
@@ -96,6 +97,9 @@ def test_packed_tensor_dict_is_a_copy_sent_as_is():
     loaded = pickle.loads(pickle.dumps(state))
     assert list(loaded) == ["w", "n", "b"] and all(torch.equal(loaded[k], state[k]) for k in state)
     assert _transport(state) == (0, 2)
+    sent = []                                              # the buffers pickling hands to Ray
+    pickle.dumps(state, protocol=5, buffer_callback=sent.append)
+    assert [np.shares_memory(np.asarray(b.raw()), a) for b, a in zip(sent, buffers)] == [True, True]
     assert TensorDict.packed([]) == {}
 
 

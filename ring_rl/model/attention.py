@@ -192,7 +192,7 @@ def _shared_lightning(ops: ModelOps, q, k, v, decay, scale: float, sp: SharedPre
     continuation as the tail of one sequence with its prompt (the prompt's gradient sums
     over the group). `lightning_attn_shared`, through the op set's lightning_attn."""
     return kernels.lightning_attn_shared(q, k, v, decay, scale, sp.prefix_cu, sp.suffix_cu, sp.parent,
-                                         lightning=ops.lightning_attn)
+                                         lightning=ops.lightning_attn, prefix_tokens=sp.prefix_tokens)
 
 
 def _decode_attention(q, k, v, batch: SeqBatch, layer_idx: int) -> torch.Tensor:

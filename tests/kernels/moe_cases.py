@@ -72,6 +72,16 @@ def mini_routing(t, seed, bias_scale=0.3):
     return moe_route(logits, bias, MINI["k"], MINI["n_group"], MINI["topk_group"], 2.5)
 
 
+def mini_inputs(t, seed, bias_scale=0.3):
+    """(x, ids, weights, w_gate_up, w_down, dy) at Ring-mini shapes in bf16 on the GPU, routed
+    by `mini_routing`; weights detached, requiring grad."""
+    w, ids = mini_routing(t, seed, bias_scale)
+    x, _, _, wgu, wd, dy = expert_inputs(t, MINI["h"], MINI["inter"], MINI["e"], MINI["k"],
+                                         seed=seed, device="cuda", dtype=torch.bfloat16,
+                                         ids=ids.cpu())
+    return x, ids, w.detach().requires_grad_(), wgu, wd, dy
+
+
 def ids_avoiding(t, e, k, idle, seed):
     """ids [t, k]: k distinct experts per token, none of them in `idle`."""
     gen = torch.Generator().manual_seed(seed)

@@ -37,6 +37,7 @@ from tests.kernels.moe_cases import (
     expert_inputs,
     gpu,
     ids_avoiding,
+    mini_inputs,
     mini_routing,
     rnd,
     route_inputs,
@@ -300,12 +301,8 @@ def test_gpu_experts_bf16(monkeypatch, t, fused, mode):
     monkeypatch.setattr(triton_experts, "PLAN", "torch" if mode == "triton" else "triton")
     if mode != "triton" and torch.cuda.get_device_capability()[0] != 9:
         pytest.skip("the grouped_mm backward runs on sm90 only (elsewhere it is the Triton one)")
-    h, e, inter, k = MINI["h"], MINI["e"], MINI["inter"], MINI["k"]
-    w, ids = mini_routing(t, seed=11)
-    x, _, _, wgu, wd, dy = expert_inputs(t, h, inter, e, k, seed=11, device="cuda",
-                                         dtype=torch.bfloat16, ids=ids.cpu())
-    inputs = (x, ids, w.detach().requires_grad_(), wgu, wd, dy)
-    idle = torch.bincount(ids.reshape(-1), minlength=e) == 0
+    inputs = x, ids, w, wgu, wd, _ = mini_inputs(t, seed=11)
+    idle = torch.bincount(ids.reshape(-1), minlength=MINI["e"]) == 0
     assert idle.any()
     first = check_reruns_and_idle(inputs, idle, BF16_TOL)
     y1 = moe_experts(x[:1], ids[:1], w[:1], wgu, wd)

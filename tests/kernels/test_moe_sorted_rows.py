@@ -15,7 +15,7 @@ from tests.kernels.moe_cases import (
     expert_inputs,
     gpu,
     ids_avoiding,
-    mini_routing,
+    mini_inputs,
 )
 
 SMALL_TMA = (16, 16, 16, 4, 1)
@@ -76,12 +76,8 @@ def test_gpu_experts_sorted_rows_bf16(monkeypatch, fwd_rows, row_gemm, fwd_gemms
         pytest.skip("TMA and the grouped_mm paths are checked on sm90")
     set_paths(monkeypatch, row_gemm, FWD_ROWS=fwd_rows, FWD_GEMMS=fwd_gemms,
               BWD_GEMMS=bwd, PLAN="triton", DOWN_BWD_FUSED=False)
-    t, h, e, inter, k = 2048, MINI["h"], MINI["e"], MINI["inter"], MINI["k"]
-    w, ids = mini_routing(t, seed=13)
-    x, _, _, wgu, wd, dy = expert_inputs(t, h, inter, e, k, seed=13, device="cuda",
-                                         dtype=torch.bfloat16, ids=ids.cpu())
-    inputs = (x, ids, w.detach().requires_grad_(), wgu, wd, dy)
-    idle = torch.bincount(ids.reshape(-1), minlength=e) == 0
+    inputs = mini_inputs(2048, seed=13)
+    idle = torch.bincount(inputs[1].reshape(-1), minlength=MINI["e"]) == 0
     assert idle.any()
     check_reruns_and_idle(inputs, idle, BF16_TOL)
 
@@ -99,10 +95,7 @@ def test_gpu_experts_forward_batch_invariant(monkeypatch, fwd_rows, row_gemm, fw
         pytest.skip("the grouped_mm forward runs on sm90 only")
     set_paths(monkeypatch, row_gemm, FWD_ROWS=fwd_rows, FWD_GEMMS=fwd_gemms,
               PLAN="triton")
-    t, h, e, inter, k = 8192, MINI["h"], MINI["e"], MINI["inter"], MINI["k"]
-    w, ids = mini_routing(t, seed=14, bias_scale=0.04)
-    x, _, _, wgu, wd, _ = expert_inputs(t, h, inter, e, k, seed=14, device="cuda",
-                                        dtype=torch.bfloat16, ids=ids.cpu())
+    x, ids, w, wgu, wd, _ = mini_inputs(8192, seed=14, bias_scale=0.04)
     with torch.no_grad():
         full = moe_experts(x, ids, w, wgu, wd)
         for lo, hi in [(0, 1), (5, 300), (4096, 8192)]:
@@ -118,11 +111,7 @@ def test_gpu_persistent_row_gemms_same_bits(monkeypatch):
     if torch.cuda.get_device_capability()[0] < 9:
         pytest.skip("TMA needs sm90 or later")
     set_paths(monkeypatch, "tma", PLAN="triton")
-    t, h, e, inter, k = 4096, MINI["h"], MINI["e"], MINI["inter"], MINI["k"]
-    w, ids = mini_routing(t, seed=15)
-    x, _, _, wgu, wd, dy = expert_inputs(t, h, inter, e, k, seed=15, device="cuda",
-                                         dtype=torch.bfloat16, ids=ids.cpu())
-    w = w.detach().requires_grad_()
+    x, ids, w, wgu, wd, dy = mini_inputs(4096, seed=15)
     runs = []
     for persistent in (False, True):
         monkeypatch.setattr(triton_experts, "PERSISTENT_GEMMS", ALL_TMA if persistent else ())

@@ -4,7 +4,8 @@
                                     output_final_state=False, cu_seqlens=None,
                                     initial_state_index=None)
     o = lightning_attn_decode(q, k, v, log_decay, state, state_indices=None, scale=None)
-    o = lightning_attn_shared(q, k, v, log_decay, scale, prefix_cu, suffix_cu, parent, lightning=None)
+    o = lightning_attn_shared(q, k, v, log_decay, scale, prefix_cu, suffix_cu, parent, lightning=None,
+                              prefix_tokens=None)
 
 The maths is defined in `reference.py`. Dispatch (see `ring_rl.kernels.dispatch`): Triton on
 CUDA tensors (chunked kernels in `triton_chunk.py` / `triton_chunk_bwd.py`, the one-step kernel
@@ -110,7 +111,8 @@ def lightning_attn(q, k, v, log_decay, scale=None, initial_state=None,
                                        output_final_state, cu_seqlens)
 
 
-def lightning_attn_shared(q, k, v, log_decay, scale, prefix_cu, suffix_cu, parent, lightning=None):
+def lightning_attn_shared(q, k, v, log_decay, scale, prefix_cu, suffix_cu, parent, lightning=None,
+                          prefix_tokens: int | None = None):
     """Prompts shared by groups of continuations, in one flat batch: q, k [N, H, K], v [N, H, V]
     hold the prompts packed by prefix_cu (int [U+1]), then the continuations packed by
     suffix_cu (int [S+1]), continuation j carrying on from prompt parent[j] (long [S]).
@@ -119,13 +121,13 @@ def lightning_attn_shared(q, k, v, log_decay, scale, prefix_cu, suffix_cu, paren
     <= MAX_LEN) the batched quadratic form over the gathered prompt keys (torch_batched.py);
     otherwise the prompts' final states carried into the continuations (`initial_state_index`)
     through `lightning` (default `lightning_attn`; another one, e.g. an op set's recording
-    wrapper, always takes that path)."""
-    n = int(prefix_cu[-1])
+    wrapper, always takes that path). prefix_tokens: prefix_cu[-1] if the caller knows it
+    (no host sync on a GPU)."""
+    n = int(prefix_cu[-1]) if prefix_tokens is None else prefix_tokens
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    longest = _longest(q[None, :n], prefix_cu) + _longest(q[None, n:], suffix_cu)
     if (lightning in (None, lightning_attn) and not use_triton(q, k, v) and kernel_mode() == "auto"
-            and longest <= MAX_LEN):
-        return lightning_attn_shared_batched(q, k, v, log_decay, scale, prefix_cu, suffix_cu, parent)
+            and _longest(q[None, :n], prefix_cu) + _longest(q[None, n:], suffix_cu) <= MAX_LEN):
+        return lightning_attn_shared_batched(q, k, v, log_decay, scale, prefix_cu, suffix_cu, parent, n)
     lightning = lightning or lightning_attn
     (q_pre, q_suf), (k_pre, k_suf), (v_pre, v_suf) = (t.split([n, t.shape[0] - n]) for t in (q, k, v))
     o, final = lightning(q_pre[None], k_pre[None], v_pre[None].contiguous(), log_decay, scale=scale,

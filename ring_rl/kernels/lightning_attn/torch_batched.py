@@ -74,16 +74,17 @@ def _from_shared_states(qp: torch.Tensor, states: torch.Tensor, index: torch.Ten
     return torch.einsum("ugthk,uhkv->ugthv", grouped, states)[index, rank]
 
 
-def lightning_attn_shared_batched(q, k, v, log_decay, scale, prefix_cu, suffix_cu, parent):
-    """Packed prompts (prefix_cu) followed by packed continuations (suffix_cu), continuation j
-    carrying on from prompt parent[j]: q/k [N, H, K], v [N, H, V] → o [N, H, V] in v's dtype.
+def lightning_attn_shared_batched(q, k, v, log_decay, scale, prefix_cu, suffix_cu, parent, prefix_tokens):
+    """Packed prompts (prefix_cu, prefix_tokens rows) followed by packed continuations
+    (suffix_cu), continuation j carrying on from prompt parent[j]: q/k [N, H, K], v [N, H, V]
+    → o [N, H, V] in v's dtype.
 
     The quadratic form over each continuation's own keys and its prompt's keys (gathered per
     continuation): a continuation token at t after a prompt of L tokens weighs prompt key p by
     λ^(L + t - p), as if the two were one sequence. The same sum as starting from the prompt's
     final state, summed in another order; short prompts never build a [K, V] state per prompt
     nor spread it over the group, and the keys' gradient sums over the group in the gather's."""
-    n, out_dtype = int(prefix_cu[-1]), v.dtype
+    n, out_dtype = prefix_tokens, v.dtype
     (qp, qs), (kp, ks), (vp, vs) = (t.float().split([n, t.shape[0] - n]) for t in (q, k, v))
     g = log_decay.float().to(q.device)
     pre, suf = token_coords(prefix_cu.to(q.device)), token_coords(suffix_cu.to(q.device))

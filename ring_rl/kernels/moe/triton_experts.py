@@ -269,7 +269,6 @@ def gate_up(x, w_gate_up, plan: ExpertPlan, cfg=None, sorted_rows=False):
     return gu, h
 
 
-
 def gate_up_outputs(x, w_gate_up, plan: ExpertPlan):
     """(E, H, I, gu [N, 2I], h [N, I]): the gate-up GEMM's shapes and its empty outputs in
     x.dtype (both launchers: pointer and TMA)."""
