@@ -54,6 +54,8 @@ VARIANTS = [
     ("default: + persistent TMA down, dx and G; 3D group select", NEW),
     ("default + x rows sorted in the forward and kept (TMA gate-up)",
      {**NEW, "FWD_ROWS": "sorted"}),
+    ("default + x rows sorted and kept, TMA gate-up persistent",
+     {**NEW, "FWD_ROWS": "sorted", "PERSISTENT_GEMMS": ("gate_up", "down", "dx", "down_bwd")}),
 ]
 DEFAULT = 3     # the index of the default in VARIANTS (its kernels are profiled)
 ROUNDS = 5      # the variants are timed in turn, ROUNDS times over; the median is reported
