@@ -164,6 +164,10 @@ class RayConfig(_Section):
     call_timeout_s: float = Field(1800.0, gt=0, description="a remote call not answered in this time reports its actor as hung")
     max_rollout_restarts: int = Field(3, ge=0, description="dead or hung rollout actors replaced per run (their unfinished prompts re-run)")
     max_trainer_restarts: int = Field(2, ge=0, description="with run.resume/auto_resume: restarts from the newest checkpoint after a trainer actor failure")
+    malloc_mmap_threshold_mb: int | None = Field(
+        256, ge=1, description="glibc malloc in the Ray worker processes: blocks under this many MiB come from the "
+        "heap and freed memory is kept for reuse (trimmed past 4x this), so CPU tensors do not page-fault in fresh "
+        "mmaps; null: glibc's default, whose threshold climbs only as large blocks are freed (the first steps run slower)")
 
 
 class RunConfig(_Section):

@@ -36,7 +36,7 @@ def init_ray(cfg: RunConfig) -> None:
         kwargs["num_cpus"] = cfg.ray.num_cpus or os.cpu_count()
         if cfg.ray.num_gpus is not None:
             kwargs["num_gpus"] = cfg.ray.num_gpus
-    env_vars = {"TOKENIZERS_PARALLELISM": "false"}
+    env_vars = {"TOKENIZERS_PARALLELISM": "false", **malloc_env(cfg.ray.malloc_mmap_threshold_mb)}
     if RAY_JOB_CONFIG not in os.environ:
         # Actors import ring_rl from this checkout even when it is not pip-installed. (In a
         # Ray job the job's working_dir does that, and the job's env vars must not be re-set.)
@@ -45,6 +45,19 @@ def init_ray(cfg: RunConfig) -> None:
     kwargs["runtime_env"] = {"env_vars": env_vars}
     ray.init(**kwargs)
     log.info("ray: %s", ray.cluster_resources())
+
+
+def malloc_env(mmap_threshold_mb: int | None) -> dict[str, str]:
+    """glibc's malloc settings for the actor processes (read once, as a process starts).
+    glibc serves blocks of 128 KiB and more from fresh mmaps until such blocks have been freed,
+    then raises its threshold step by step: until then every new CPU activation page-faults
+    on first touch and is unmapped when freed. On the CPU (32x8x4 GRPO steps, the tiny model)
+    that made the first 3-4 steps' rollouts ~2x slower (185-212 vs ~95 ms); fixed thresholds
+    give the steady pace from the first step (benchmarks/results/e2e_cpu.md)."""
+    if mmap_threshold_mb is None:
+        return {}
+    mmap = mmap_threshold_mb << 20
+    return {"MALLOC_MMAP_THRESHOLD_": str(mmap), "MALLOC_TRIM_THRESHOLD_": str(4 * mmap)}
 
 
 def actor_groups(cfg: RunConfig):
