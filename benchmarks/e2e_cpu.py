@@ -120,22 +120,32 @@ def run_ring_rl(work: Path, ckpt: Path, data: dict[str, str], size: tuple[int, i
 
 
 # -- TRL: GRPOTrainer in a subprocess (this file with --trl-worker) ---------------------------
-def run_trl(work: Path, ckpt: Path, data: dict[str, str], size: tuple[int, int, int], steps: int, threads: int) -> dict:
+def run_trl(work: Path, ckpt: Path, data: dict[str, str], size: tuple[int, int, int], steps: int, threads: int,
+            ring_malloc: bool = False) -> dict:
+    """ring_malloc: TRL's process starts with the glibc malloc settings ring-rl's actors get
+    (ray.malloc_mmap_threshold_mb), so that the ratio does not credit ring-rl with them."""
     p, g, t = size
-    out = work / f"trl-{p}x{g}x{t}-{threads}t.json"
+    tag = f"{p}x{g}x{t}-{threads}t" + ("-malloc" if ring_malloc else "")
+    out = work / f"trl-{tag}.json"
     spec = {"ckpt": str(ckpt), "data": data["train"], "size": size, "steps": steps, "threads": threads,
             "out": str(out), "work": str(work)}
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false",
            "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    if ring_malloc:
+        from ring_rl.config import RayConfig
+        from ring_rl.rl.placement import malloc_env
+
+        env.update(malloc_env(RayConfig().malloc_mmap_threshold_mb))
     load, t0 = load_avg(), time.perf_counter()
-    log_path = work / f"trl-{p}x{g}x{t}-{threads}t.log"
+    log_path = work / f"trl-{tag}.log"
     with open(log_path, "w") as log:
         proc = subprocess.run([sys.executable, __file__, "--trl-worker", json.dumps(spec)], cwd=ROOT, env=env,
                               stdout=log, stderr=subprocess.STDOUT, timeout=900, check=False)
     wall = time.perf_counter() - t0
     if proc.returncode != 0:
         raise RuntimeError(f"TRL worker failed (rc {proc.returncode}):\n{log_path.read_text()[-3000:]}")
-    return {"system": "TRL 1.16 GRPOTrainer", "threads": str(threads), "size": size,
+    return {"system": "TRL 1.16 GRPOTrainer", "threads": f"{threads}" + (", ring-rl's malloc" if ring_malloc else ""),
+            "size": size,
             "steps": json.loads(out.read_text()), "wall_s": wall, "load": load}
 
 
@@ -275,6 +285,8 @@ def main() -> int:
     ap.add_argument("--ring-rl-modes", default="on-policy,overlapped",
                     help=f"comma list of ring-rl runs: {', '.join(RING_RL_MODES)}")
     ap.add_argument("--trl-threads", default="1,2", help="comma list of torch threads for TRL runs")
+    ap.add_argument("--trl-ring-malloc", choices=["on", "off"], default="on",
+                    help="one more TRL run (the most threads) with the glibc malloc settings of ring-rl's actors")
     ap.add_argument("--out", default=str(ROOT / "benchmarks/results/e2e_cpu.md"), help="markdown file ('' = none)")
     ap.add_argument("--trl-worker", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -298,9 +310,10 @@ def main() -> int:
                 for mode in args.ring_rl_modes.split(","):
                     print(f"ring-rl {mode} {sz} ...", file=sys.stderr, flush=True)
                     results.append(summarise(run_ring_rl(work, ckpt, data, sz, args.steps, mode)))
-            for k in threads if "trl" in args.systems else []:
-                print(f"TRL {sz} threads={k} ...", file=sys.stderr, flush=True)
-                results.append(summarise(run_trl(work, ckpt, data, sz, args.steps, k)))
+            trl_runs = [(k, False) for k in threads] + [(max(threads), True)] * (args.trl_ring_malloc == "on")
+            for k, ring_malloc in trl_runs if "trl" in args.systems else []:
+                print(f"TRL {sz} threads={k}{' with ring-rl malloc' * ring_malloc} ...", file=sys.stderr, flush=True)
+                results.append(summarise(run_trl(work, ckpt, data, sz, args.steps, k, ring_malloc)))
     uptime_after = subprocess.run(["uptime"], capture_output=True, text=True, check=False).stdout.strip()
     total = time.perf_counter() - t_start
 
@@ -347,7 +360,10 @@ def main() -> int:
              "weights one update older than the ones it trains (staleness 1; the old log-probs of the ratio "
              "are the trainer's current ones); on-policy is the default and TRL's semantics."),
             ("- TRL threads: 1 and 2 intra-op threads (`--trl-threads`). On a loaded 2-core machine 2 threads "
-             "can run several times slower than 1 (OpenMP threads spin while waiting for a core)."),
+             "can run several times slower than 1 (OpenMP threads spin while waiting for a core). "
+             "\"ring-rl's malloc\": TRL's process started with the glibc malloc thresholds ring-rl's actors "
+             "get (`ray.malloc_mmap_threshold_mb`; `--trl-ring-malloc`), so the ratio does not credit "
+             "ring-rl with them."),
             ("- TRL needs `model.base_model(input_ids, attention_mask).last_hidden_state` (its fused LM "
              "head); `RingLinearModel.forward` provides it (padded in, the flat maths of every engine, "
              "re-padded out), so TRL runs ring-rl's own model code per token."),
