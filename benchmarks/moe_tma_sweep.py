@@ -1,5 +1,5 @@
-"""The expert row GEMMs (and the gate-up GEMM on sorted x rows) one at a time, one program
-per tile or persistent (`triton_experts.PERSISTENT_GEMMS`), over tile configs; and the expert selection with and
+"""The expert row GEMMs one at a time, one program per tile or persistent
+(`triton_experts.PERSISTENT_GEMMS`), over tile configs; and the expert selection with and
 without the 3D group view (`triton_router.SELECT_3D`). Same shapes, inputs and timing as
 benchmarks/moe.py; results in benchmarks/results/moe.md. Run on the GPU machine from
 benchmarks/: `python3 moe_tma_sweep.py [LABEL ...]` (label substrings: only those GEMMs).
@@ -32,12 +32,8 @@ def main():
     plan = kx.make_plan(ids, E)
     gu, h = kx.gate_up(xd, wgud, plan)   # gu stands in for dgu (same shape) in dx
     dys = krows.gather_rows(dy, plan)
-    xs = krows.gather_rows(xd, plan)
     gemm = 2 * plan.num_rows * H * I
     jobs = [  # (label, PERSISTENT_GEMMS name, fn(cfg), flops, configs)
-        ("gate-up + SwiGLU, TMA on sorted x", "gate_up", lambda c: kt.gate_up(xs, wgud, plan, c),
-         2 * gemm, [(128, 128, 64, 8, 3), (128, 128, 64, 8, 4), (128, 128, 128, 8, 2),
-                    (64, 128, 64, 4, 4), (128, 64, 64, 4, 4)]),
         ("down, TMA", "down", lambda c: kt.row_gemm(h, wdd, plan, True, c, True, "down"), gemm,
          TMA_CFGS),
         ("dx, TMA", "dx", lambda c: kt.row_gemm(gu, wgud, plan, False, c, True, "dx"), 2 * gemm,

@@ -86,45 +86,29 @@ def _row_gemm_tma_kernel(a_desc, b_desc, c_ptr, slot_ptr, tile_e_ptr, tile_row_p
 
 
 @triton.jit
-def _gate_up_tma_tile(a_desc, w_desc, gu_ptr, h_ptr, tile_e_ptr, tile_row_ptr, offs_ptr, tile,
-                      H, I, E, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                      BLOCK_K: tl.constexpr, PREC: tl.constexpr):
+def _gate_up_tma_kernel(a_desc, w_desc, gu_ptr, h_ptr, tile_e_ptr, tile_row_ptr, offs_ptr,
+                        H, I, E, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                        BLOCK_K: tl.constexpr, PREC: tl.constexpr):
     """gu[rows] = xs[rows] @ [Wg; Wu]_e^T and h = silu(g) * u (the epilogue of
-    triton_experts._gate_up_kernel) for output tile `tile`: gate rows e*2I + n, up rows
-    e*2I + I + n of the [E*2I, H] weight view."""
+    triton_experts._gate_up_kernel): gate rows e*2I + n, up rows e*2I + I + n of the
+    [E*2I, H] weight view."""
     num_n = (I + BLOCK_N - 1) // BLOCK_N
-    pid_m = tile // num_n
+    pid_m = tl.program_id(0) // num_n
+    pid_n = tl.program_id(0) % num_n
     e, rows, rmask = _tile(tile_e_ptr, tile_row_ptr, offs_ptr, pid_m, E, BLOCK_M)
+    if e >= E:
+        return
     row0 = tl.load(tile_row_ptr + pid_m)
-    n0 = (tile % num_n) * BLOCK_N
+    n0 = pid_n * BLOCK_N
     g_row = e * 2 * I + n0
     g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for ki in range((H + BLOCK_K - 1) // BLOCK_K):   # one A tile feeds both dots
-        a = a_desc.load([row0, ki * BLOCK_K])
-        g = tl.dot(a, w_desc.load([g_row, ki * BLOCK_K]).T, g, input_precision=PREC)
-        u = tl.dot(a, w_desc.load([g_row + I, ki * BLOCK_K]).T, u, input_precision=PREC)
+    for k0 in range(0, H, BLOCK_K):   # one A tile feeds both dots
+        a = a_desc.load([row0, k0])
+        g = tl.dot(a, w_desc.load([g_row, k0]).T, g, input_precision=PREC)
+        u = tl.dot(a, w_desc.load([g_row + I, k0]).T, u, input_precision=PREC)
     cols = n0 + tl.arange(0, BLOCK_N)
     _swiglu_store(g, u, gu_ptr, h_ptr, rows, rmask, cols, cols < I, I)
-
-
-@triton.jit
-def _gate_up_tma_kernel(a_desc, w_desc, gu_ptr, h_ptr, tile_e_ptr, tile_row_ptr, offs_ptr,
-                        count_ptr, H, I, E, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                        BLOCK_K: tl.constexpr, PREC: tl.constexpr, PROGRAMS: tl.constexpr):
-    """One output tile per program (PROGRAMS = 0), or PROGRAMS persistent programs looping
-    over the tiles in use (as _row_gemm_tma_kernel)."""
-    if PROGRAMS == 0:
-        num_n = (I + BLOCK_N - 1) // BLOCK_N
-        if tl.load(tile_e_ptr + tl.program_id(0) // num_n) < E:
-            _gate_up_tma_tile(a_desc, w_desc, gu_ptr, h_ptr, tile_e_ptr, tile_row_ptr,
-                              offs_ptr, tl.program_id(0), H, I, E, BLOCK_M, BLOCK_N, BLOCK_K,
-                              PREC)
-    else:
-        total = tl.load(count_ptr) * ((I + BLOCK_N - 1) // BLOCK_N)
-        for t in tl.range(tl.program_id(0), total, PROGRAMS, flatten=True):
-            _gate_up_tma_tile(a_desc, w_desc, gu_ptr, h_ptr, tile_e_ptr, tile_row_ptr,
-                              offs_ptr, t, H, I, E, BLOCK_M, BLOCK_N, BLOCK_K, PREC)
 
 
 def tma_ok(a: torch.Tensor, w: torch.Tensor, block_k: int, k_major: bool) -> bool:
@@ -195,10 +179,8 @@ def gate_up(xs, w_gate_up, plan: ExpertPlan, cfg=None):
     stages = fit_stages(bm, bn, bk, stages, xs.dtype, b_tiles=2)
     e, hid, inter, gu, h = gate_up_outputs(xs, w_gate_up, plan)
     te, tr = plan.tiles(bm)
-    grid, programs = programs_for(te.numel() * triton.cdiv(inter, bn), xs, "gate_up")
-    LAUNCHED["gate_up_tma_persistent" if programs else "gate_up_tma"] = \
-        _gate_up_tma_kernel[(grid,)](
-            _desc(xs, (bm, bk)), _desc(w_gate_up.view(e * 2 * inter, hid), (bn, bk)), gu, h,
-            te, tr, plan.offsets, plan.tile_count(bm), hid, inter, e, BLOCK_M=bm, BLOCK_N=bn,
-            BLOCK_K=bk, PREC=_prec(xs), PROGRAMS=programs, num_warps=warps, num_stages=stages)
+    LAUNCHED["gate_up_tma"] = _gate_up_tma_kernel[(te.numel() * triton.cdiv(inter, bn),)](
+        _desc(xs, (bm, bk)), _desc(w_gate_up.view(e * 2 * inter, hid), (bn, bk)), gu, h, te, tr,
+        plan.offsets, hid, inter, e, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, PREC=_prec(xs),
+        num_warps=warps, num_stages=stages)
     return gu, h
