@@ -78,8 +78,9 @@ BWD_GEMMS = "gmm_dw"
 # backward copies them in expert order where its grouped_mm GEMMs need them) or "sorted"
 # (gather_rows copies them once in the forward and they are saved for the backward: no copy
 # there, and the gate-up can run on contiguous rows (TMA, grouped_mm) -- at the price of
-# T*k*H elements of saved activations, k times x: 512 MiB at 16K tokens, Ring-mini shapes;
-# the block fwd+bwd 6.98 vs 7.15 ms on an H200, benchmarks/results/moe.md: not worth it).
+# T*k*H elements of saved activations, k times x: 512 MiB per layer at 16K tokens, Ring-mini
+# shapes. On an H200 it made the block fwd+bwd 0-4% faster over three runs (6.672 vs 6.842
+# ms, benchmarks/results/moe.md): the default stays the lean one.
 FWD_ROWS = "gather"
 # The forward GEMMs: "triton" (ours) or "gmm" (torch._grouped_mm on the sorted x rows, then
 # a row-wise SwiGLU on the bf16-rounded gate/up outputs, and the down projection; needs
