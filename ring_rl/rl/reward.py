@@ -30,6 +30,7 @@ _MAX_NESTING = 8  # ( [ { levels inside \boxed{}; see _balanced
 _STARTUP_TIMEOUT_S = 120.0  # importing sympy on a busy machine; not charged to any answer
 _CHILD_MEMORY_BYTES = 4 << 30  # a runaway bignum fails with MemoryError, not the host's OOM
 _MAX_VERDICTS = 1 << 16  # remembered (answer, gold) verdicts; forgotten all at once when full
+_PIPELINE_BYTES = 32 << 10  # unanswered requests written ahead to the worker (a pipe holds 64 KiB)
 
 # An optional sign (not a subtraction: no digit/letter/closing bracket before it), digits with
 # optional thousands commas, an optional decimal part or /denominator.
@@ -65,7 +66,12 @@ class RewardFn:
     def score_with_info(self, responses: list[str], golds: list[str]) -> list[RewardInfo]:
         if len(responses) != len(golds):
             raise ValueError(f"{len(responses)} responses but {len(golds)} gold answers")
-        return [self._score_one(r, g) for r, g in zip(responses, golds)]
+        extracted = [extract_answer(r, self.cfg.max_answer_chars) for r in responses]
+        # The pairs only math_verify can judge go to the worker together, once each.
+        asked = {(answer, gold) for (answer, _, problem), gold in zip(extracted, golds)
+                 if problem is None and self._quick(answer, gold) is None}
+        judged = self._verify_all(sorted(asked)) if asked else {}
+        return [self._info(r, g, ex, judged) for r, g, ex in zip(responses, golds, extracted)]
 
     def warmup(self) -> None:
         """Start the math_verify worker now instead of at the first non-numeric answer."""
@@ -89,36 +95,42 @@ class RewardFn:
         if worker is not None:
             worker.stop()
 
-    def _score_one(self, response: str, gold: str) -> RewardInfo:
-        answer, kind, problem = extract_answer(response, self.cfg.max_answer_chars)
+    def _info(self, response: str, gold: str, extracted, judged: dict) -> RewardInfo:
+        answer, kind, problem = extracted
         formatted = kind == "boxed" or (len(response) <= 64 and _BARE_RESPONSE.fullmatch(response) is not None)
         if problem is not None:
             correct, reason = False, problem
         else:
-            correct, reason = self._compare(answer, gold)
+            correct, reason = self._quick(answer, gold) or judged[(answer, gold)]
         reward = float(correct) + (self.cfg.format_reward if formatted else 0.0)
         return RewardInfo(reward, correct, answer, reason, formatted)
 
-    def _compare(self, answer: str, gold: str) -> tuple[bool, str]:
+    def _quick(self, answer: str, gold: str) -> tuple[bool, str] | None:
+        """The verdict without the worker (two plain numbers, or remembered), else None."""
         mine, theirs = plain_number(answer), plain_number(gold)
         if self.cfg.numeric_fast_path and mine is not None and theirs is not None:
             return mine == theirs, "correct" if mine == theirs else "wrong"
-        known = self._verdicts.get((answer, gold))
-        if known is not None:
-            return known
+        return self._verdicts.get((answer, gold))
+
+    def _verify_all(self, pairs: list[tuple[str, str]]) -> dict[tuple[str, str], tuple[bool, str]]:
+        """math_verify's verdicts on `pairs`, pipelined through the worker (_VerifyWorker.
+        verify_many); a pair that timed out or failed gets that reason (not remembered: a busy
+        machine may time out once) and the ones after it go to a fresh worker."""
+        judged = {}
         with self._lock:
-            worker = self._get_worker()
-            outcome = worker.verify(answer, gold, self.cfg.timeout_s)
-            if outcome in ("timeout", "error"):
-                worker.stop()  # a killed or dead child; the next slow item starts a fresh one
-                self._worker = None
-        if outcome in ("timeout", "error"):  # not remembered: a busy machine may time out once
-            return False, outcome
-        verdict = (outcome == "correct", outcome)
-        if len(self._verdicts) >= _MAX_VERDICTS:
-            self._verdicts.clear()
-        self._verdicts[(answer, gold)] = verdict
-        return verdict
+            while len(judged) < len(pairs):
+                todo = pairs[len(judged):]
+                outcomes = self._get_worker().verify_many(todo, self.cfg.timeout_s)
+                for pair, outcome in zip(todo, outcomes):
+                    judged[pair] = (outcome == "correct", outcome)
+                    if outcome not in ("timeout", "error"):
+                        if len(self._verdicts) >= _MAX_VERDICTS:
+                            self._verdicts.clear()
+                        self._verdicts[pair] = judged[pair]
+                if outcomes[-1] in ("timeout", "error"):
+                    self._worker.stop()  # a killed or dead child; the next items start a fresh one
+                    self._worker = None
+        return judged
 
     def _get_worker(self) -> "_VerifyWorker":
         if self._worker is None:
@@ -200,31 +212,55 @@ class _VerifyWorker:
         self.proc = subprocess.Popen(
             [sys.executable, "-c", "from ring_rl.rl.reward import _serve; _serve()"],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, close_fds=True)
+        self._out, self._buf = self.proc.stdout.fileno(), b""
         if self._read_line(_STARTUP_TIMEOUT_S) != {"ready": True}:
             self.stop()
             raise RuntimeError("the math_verify reward worker did not start (see its stderr above)")
 
-    def verify(self, answer: str, gold: str, timeout_s: float) -> str:
-        try:
-            self.proc.stdin.write((json.dumps({"answer": answer, "gold": gold}) + "\n").encode())
-            self.proc.stdin.flush()
-        except (BrokenPipeError, OSError):
-            return "error"
-        reply = self._read_line(timeout_s)
-        return reply.get("outcome", "error") if isinstance(reply, dict) else reply
+    def verify_many(self, pairs: list[tuple[str, str]], timeout_s: float) -> list[str]:
+        """Outcomes of `pairs` in order, up to and including the first timeout or error (the
+        caller then replaces this worker). Pipelined: requests are written ahead, at most
+        _PIPELINE_BYTES of them unanswered -- under the pipe's buffer, so a write never waits
+        on a stuck child -- and each reply gets timeout_s from the one before it, the time the
+        child spent on that pair. (One round trip per pair cost a wake-up of the child each on
+        a busy 2-core machine: 21 ms for ~35 pairs a step.)"""
+        lines = [(json.dumps({"answer": a, "gold": g}) + "\n").encode() for a, g in pairs]
+        outcomes: list[str] = []
+        sent = in_flight = 0
+        while len(outcomes) < len(lines):
+            try:
+                while sent < len(lines) and (sent == len(outcomes)
+                                             or in_flight + len(lines[sent]) <= _PIPELINE_BYTES):
+                    self.proc.stdin.write(lines[sent])
+                    in_flight += len(lines[sent])
+                    sent += 1
+                self.proc.stdin.flush()
+            except (BrokenPipeError, OSError):
+                return outcomes + ["error"]
+            reply = self._read_line(timeout_s)
+            outcomes.append(reply.get("outcome", "error") if isinstance(reply, dict) else reply)
+            in_flight -= len(lines[len(outcomes) - 1])
+            if outcomes[-1] in ("timeout", "error"):
+                break
+        return outcomes
 
     def _read_line(self, timeout_s: float):
+        """The child's next reply line (parsed), "timeout" or "error" (it died). Lines are
+        split here from raw reads: pipelined replies arrive several at a time, and a buffered
+        readline would hide the rest from select()."""
         deadline = time.monotonic() + timeout_s
-        while True:
+        while b"\n" not in self._buf:
             left = deadline - time.monotonic()
             if left <= 0:
                 return "timeout"
-            ready, _, _ = select.select([self.proc.stdout], [], [], left)
+            ready, _, _ = select.select([self._out], [], [], left)
             if ready:
-                line = self.proc.stdout.readline()  # the child writes each reply as one line
-                if not line:
+                chunk = os.read(self._out, 1 << 16)
+                if not chunk:
                     return "error"  # the child died
-                return json.loads(line)
+                self._buf += chunk
+        line, self._buf = self._buf.split(b"\n", 1)
+        return json.loads(line)
 
     def stop(self) -> None:
         if self.proc.poll() is None:

@@ -114,6 +114,28 @@ def test_format_reward_and_batch():
         RewardFn(RewardConfig()).score(["1", "2"], ["1"])
 
 
+def test_a_batch_is_pipelined_through_the_worker_and_survives_a_timeout():
+    """One batch: the pairs go to the worker written ahead of its replies. A timeout in the
+    middle kills that worker; the pairs after it are judged by a fresh one. 1500 distinct
+    pairs (~60 KB of requests) exceed the bytes kept in flight, so the window slides."""
+    import json
+
+    import ring_rl.rl.reward as reward_mod
+
+    with RewardFn(RewardConfig(timeout_s=1.0)) as fn:
+        infos = fn.score_with_info(["\\boxed{\\frac{1}{2}}", "\\boxed{9^{9^{9}}}", "\\boxed{\\frac{6}{4}}",
+                                    "\\boxed{x = 3}", "\\boxed{\\frac{1}{2}}"], ["0.5", "3", "1.5", "3", "0.5"])
+        assert [i.reason for i in infos] == ["correct", "timeout", "correct", "correct", "correct"]
+        n = 1500
+        responses = [f"\\boxed{{\\frac{{{2 * i}}}{{2}}}}" for i in range(n)]
+        golds = [str(i if i % 7 else i + 1) for i in range(n)]  # every 7th is wrong
+        requests = sum(len(json.dumps({"answer": r[7:-1], "gold": g})) + 1 for r, g in zip(responses, golds))
+        assert requests > 1.5 * reward_mod._PIPELINE_BYTES
+        infos = fn.score_with_info(responses, golds)
+    assert [i.correct for i in infos] == [bool(i % 7) for i in range(n)]
+    assert {i.reason for i in infos} == {"correct", "wrong"}
+
+
 def test_verdicts_are_remembered_but_timeouts_are_not(monkeypatch):
     """A repeated (answer, gold) pair is answered without the math_verify worker; a timed-out
     pair is asked again (it may have been the machine, not the answer)."""
