@@ -6,6 +6,7 @@ turns it into a Ray actor, so it is testable without Ray.
 """
 from __future__ import annotations
 
+import gc
 import os
 
 import torch
@@ -48,6 +49,9 @@ class RolloutWorker:
         self.pid = os.getpid()
         self.device = device
         self._sync = None
+        # The start-up's ~400K objects (torch, transformers, Ray) out of the collector's reach:
+        # a full collection over them took ~90 ms, one every ~15 GRPO steps on the tiny model.
+        gc.freeze()
 
     def generate(self, prompts: list[list[int]], params: SamplingParams, expected_version: int | None = None,
                  seeds: list[int] | None = None, group_ids: list[int] | None = None) -> RolloutBatch:
