@@ -78,7 +78,7 @@ def configured(settings):
 def variant_table(peak, parts=False):
     """peak: the matmul peak measured at the start of the run. It is measured again in every
     round, between the variants, and the percentages here are of those rounds' median: the
-    H200's sustained clock moves by 10% over a run (power), the peak with it."""
+    H200's sustained clock moves by 10-15% over a run (power), the peak with it."""
     x, gate, bias, wgu, wd, dy = make_inputs()
 
     def fn():

@@ -222,8 +222,8 @@ class _VerifyWorker:
         caller then replaces this worker). Pipelined: requests are written ahead, at most
         _PIPELINE_BYTES of them unanswered -- under the pipe's buffer, so a write never waits
         on a stuck child -- and each reply gets timeout_s from the one before it, the time the
-        child spent on that pair. (One round trip per pair cost a wake-up of the child each on
-        a busy 2-core machine: 21 ms for ~35 pairs a step.)"""
+        child spent on that pair. (One round trip per pair woke the child once per pair; on a
+        busy 2-core machine 64 distinct LaTeX pairs took 140 ms that way, 100 ms pipelined.)"""
         lines = [(json.dumps({"answer": a, "gold": g}) + "\n").encode() for a, g in pairs]
         outcomes: list[str] = []
         sent = in_flight = 0
