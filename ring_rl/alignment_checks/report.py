@@ -95,9 +95,9 @@ def save_worst_tokens(run_dir: str | os.PathLike, step: int, rollout_lp: list[to
     """Record this step's `k` largest-|Δ| tokens with the text before them (`decode` is e.g.
     tokenizer.decode) in align_worst.jsonl, which keeps the run's `keep` largest."""
     d = (_flat64(trainer_lp) - _flat64(rollout_lp)).abs()
-    lens = torch.tensor([x.numel() for x in rollout_lp], dtype=torch.long)
-    seq = torch.repeat_interleave(torch.arange(len(lens)), lens)  # sequence of each token
-    starts = lens.cumsum(0) - lens
+    lens = np.array([x.numel() for x in rollout_lp], dtype=np.int64)
+    seq = np.repeat(np.arange(len(lens)), lens)  # sequence of each token (torch's took 2.5 ms)
+    starts = lens.cumsum() - lens
     rows = []
     for t in torch.topk(d, min(k, d.numel())).indices.tolist():  # the step's k largest |Δ|, largest first
         i = int(seq[t])
