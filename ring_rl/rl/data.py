@@ -247,9 +247,8 @@ class PromptStream:
             if index == n:
                 epoch, index = epoch + 1, 0
         self.position = StreamPosition(epoch, index)
-        picked = self.dataset.select(rows)
-        return PromptBatch(list(picked["prompt"]), list(picked["answer"]), group_ids, rows,
-                           self.group_size, start)
+        picked = self.dataset[rows]  # one Arrow take to lists: 0.06 ms, select + columns 1.9
+        return PromptBatch(picked["prompt"], picked["answer"], group_ids, rows, self.group_size, start)
 
     def __iter__(self) -> Iterator[PromptBatch]:
         while True:
@@ -274,6 +273,5 @@ def eval_batches(dataset: Any, num_prompts: int, batch_size: int, group_size: in
     total = len(dataset) if num_prompts <= 0 else min(num_prompts, len(dataset))
     for lo in range(0, total, batch_size):
         rows = list(range(lo, min(lo + batch_size, total)))
-        picked = dataset.select(rows)
-        yield PromptBatch(list(picked["prompt"]), list(picked["answer"]), rows, rows, group_size,
-                          StreamPosition(0, lo))
+        picked = dataset[rows]
+        yield PromptBatch(picked["prompt"], picked["answer"], rows, rows, group_size, StreamPosition(0, lo))
