@@ -67,11 +67,13 @@ class RewardFn:
         if len(responses) != len(golds):
             raise ValueError(f"{len(responses)} responses but {len(golds)} gold answers")
         extracted = [extract_answer(r, self.cfg.max_answer_chars) for r in responses]
+        quick = [self._quick(answer, gold) if problem is None else (False, problem)
+                 for (answer, _, problem), gold in zip(extracted, golds)]
         # The pairs only math_verify can judge go to the worker together, once each.
-        asked = {(answer, gold) for (answer, _, problem), gold in zip(extracted, golds)
-                 if problem is None and self._quick(answer, gold) is None}
+        asked = {(ex[0], gold) for ex, gold, verdict in zip(extracted, golds, quick) if verdict is None}
         judged = self._verify_all(sorted(asked)) if asked else {}
-        return [self._info(r, g, ex, judged) for r, g, ex in zip(responses, golds, extracted)]
+        return [self._info(r, ex, verdict or judged[(ex[0], g)])
+                for r, g, ex, verdict in zip(responses, golds, extracted, quick)]
 
     def warmup(self) -> None:
         """Start the math_verify worker now instead of at the first non-numeric answer."""
@@ -95,13 +97,10 @@ class RewardFn:
         if worker is not None:
             worker.stop()
 
-    def _info(self, response: str, gold: str, extracted, judged: dict) -> RewardInfo:
-        answer, kind, problem = extracted
+    def _info(self, response: str, extracted, verdict: tuple[bool, str]) -> RewardInfo:
+        answer, kind, _ = extracted
         formatted = kind == "boxed" or (len(response) <= 64 and _BARE_RESPONSE.fullmatch(response) is not None)
-        if problem is not None:
-            correct, reason = False, problem
-        else:
-            correct, reason = self._quick(answer, gold) or judged[(answer, gold)]
+        correct, reason = verdict
         reward = float(correct) + (self.cfg.format_reward if formatted else 0.0)
         return RewardInfo(reward, correct, answer, reason, formatted)
 
