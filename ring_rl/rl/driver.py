@@ -4,7 +4,6 @@ The driver owns the loop, the data order, the metrics and the checkpoints; the a
 the model copies. Read top to bottom, this file is one GRPO run."""
 from __future__ import annotations
 
-import gc
 import itertools
 import json
 import logging
@@ -26,6 +25,7 @@ from ring_rl.alignment_checks.report import (
 )
 from ring_rl.alignment_checks.step import StepCheck
 from ring_rl.config import RunConfig, save_config
+from ring_rl.gc_startup import freeze_startup_objects
 from ring_rl.rl.background import BackgroundWriter
 from ring_rl.rl.data import PromptBatch, PromptStream, load_prompts, tokenize_prompts
 from ring_rl.rl.evaluate import evaluate
@@ -88,7 +88,7 @@ def _train_once(cfg: RunConfig, model_dir: str | Path, tokenizer) -> RunResult:
         if test_data is not None and acc_before is None:
             acc_before = evaluate(workers, test_data, tokenizer, reward_fn, cfg)["eval/accuracy"]
             log.info("test accuracy before training: %.1f%%", 100 * acc_before)
-        gc.freeze()  # the start-up's objects out of the collector's reach, as in the actors
+        freeze_startup_objects()  # as in the actors: see ring_rl.gc_startup
         bar = tqdm(range(start_step + 1, cfg.run.steps + 1), initial=start_step, total=cfg.run.steps,
                    desc="GRPO", unit="step", dynamic_ncols=True,
                    disable=not sys.stderr.isatty())  # a log file gets the line per step below instead

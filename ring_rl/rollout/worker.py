@@ -6,7 +6,6 @@ turns it into a Ray actor, so it is testable without Ray.
 """
 from __future__ import annotations
 
-import gc
 import os
 
 import torch
@@ -17,9 +16,10 @@ from ring_rl.types import RolloutBatch, SamplingParams
 class RolloutWorker:
     def __init__(self, model_dir: str, engine: str = "native", dtype: str = "fp32", device: str = "cpu",
                  prefill_chunk: int = 0, threads: int | None = None, gpu_memory_utilization: float = 0.4,
-                 exact: bool = False):
+                 exact: bool = False, own_process: bool = False):
         """exact (alignment.mode=exact): on a GPU both engines run the batch-invariant op set
-        (`ring_rl.model.ops.BATCH_INVARIANT_OPS`), as the trainer's exact pass does."""
+        (`ring_rl.model.ops.BATCH_INVARIANT_OPS`), as the trainer's exact pass does.
+        own_process: the worker is a Ray actor, alone in its process (see ring_rl.gc_startup)."""
         if threads:
             torch.set_num_threads(threads)
         if engine not in ("native", "vllm"):
@@ -49,9 +49,10 @@ class RolloutWorker:
         self.pid = os.getpid()
         self.device = device
         self._sync = None
-        # The start-up's ~400K objects (torch, transformers, Ray) out of the collector's reach:
-        # a full collection over them took ~90 ms, one every ~15 GRPO steps on the tiny model.
-        gc.freeze()
+        if own_process:
+            from ring_rl.gc_startup import freeze_startup_objects
+
+            freeze_startup_objects()
 
     def generate(self, prompts: list[list[int]], params: SamplingParams, expected_version: int | None = None,
                  seeds: list[int] | None = None, group_ids: list[int] | None = None) -> RolloutBatch:

@@ -5,11 +5,11 @@ called, so importing this module works without a running cluster. Use `TrainerEn
 directly where no actor is needed (tests, `ring-rl sft`)."""
 from __future__ import annotations
 
-import gc
 import os
 
 import ray
 
+from ring_rl.gc_startup import freeze_startup_objects
 from ring_rl.trainer.engine import TrainerEngine
 
 
@@ -21,9 +21,7 @@ class TrainerActor(TrainerEngine):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        # The start-up's ~400K objects (torch, DeepSpeed, Ray) out of the collector's reach:
-        # a full collection over them took ~90 ms (RolloutWorker does the same).
-        gc.freeze()
+        freeze_startup_objects()  # see ring_rl.gc_startup
 
     def get_pid(self) -> int:
         return os.getpid()
