@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -96,12 +97,16 @@ def run_sft(cfg: RunConfig, out_dir: str | Path) -> Path:
     engine = TrainerEngine(str(init), cfg.sft.trainer, cfg.run.seed, "cpu", total_steps=cfg.sft.steps)
     rng = np.random.default_rng(cfg.run.seed)
     bs, t0, acc = cfg.sft.batch_size, time.perf_counter(), None
-    bar = tqdm(range(1, cfg.sft.steps + 1), desc="SFT", unit="step", dynamic_ncols=True)
+    quiet = not sys.stderr.isatty()  # a log file gets a line every 100 steps instead of the bar
+    bar = tqdm(range(1, cfg.sft.steps + 1), desc="SFT", unit="step", dynamic_ncols=True, disable=quiet)
     try:
         for step in bar:
             pick = rng.choice(len(ids), size=min(bs, len(ids)), replace=False)
             stats = engine.sft_step([ids[i] for i in pick], [masks[i] for i in pick])
             bar.set_postfix(loss=f"{stats['loss']:.3f}", **({} if acc is None else {"held_out_acc": f"{acc:.1%}"}))
+            if quiet and step % 100 == 0:
+                log.info("SFT step %d/%d: loss %.3f%s", step, cfg.sft.steps, stats["loss"],
+                         "" if acc is None else f", held-out accuracy {acc:.1%} (last check)")
             if judge is not None and step % cfg.sft.eval_every == 0:
                 acc = judge(engine)
                 if acc >= cfg.sft.target_accuracy:
