@@ -65,15 +65,20 @@ def _flatten(items: list) -> tuple[list[tuple[np.ndarray, torch.dtype]], list]:
 def _unflatten(buffers: list[tuple[np.ndarray, torch.dtype]], layout: list) -> list:
     # Ray hands out read-only views of its object store: those are copied (one memcpy).
     flats = [torch.from_numpy(b if b.flags.writeable else b.copy()).view(dtype) for b, dtype in buffers]
-    out, offsets = [], [0] * len(flats)
+    sizes: list[list[int]] = [[] for _ in flats]
+    for entry in layout:
+        if entry is not None:
+            sizes[entry[0]].append(math.prod(entry[1]))
+    # One split per buffer makes all its views at once (a step's ~1000 slices one by one: 3-4 ms).
+    pieces = [iter(f.split(s)) for f, s in zip(flats, sizes)]
+    out = []
     for entry in layout:
         if entry is None:
             out.append(None)
             continue
         g, shape = entry
-        n = math.prod(shape)
-        out.append(flats[g][offsets[g]:offsets[g] + n].view(shape))
-        offsets[g] += n
+        piece = next(pieces[g])
+        out.append(piece if len(shape) == 1 else piece.view(shape))
     return out
 
 
