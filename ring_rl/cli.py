@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -305,6 +306,8 @@ def main(argv: list[str] | None = None) -> int:
     from ring_rl.rl.cluster import ClusterError  # stdlib-only at import: keeps `ring-rl --help` fast
 
     args = build_parser().parse_args(argv)
+    if not sys.stderr.isatty():  # a log file: no progress-bar redraws from datasets (ours log lines)
+        os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
     try:
         return args.fn(args)
     except (ValueError, FileNotFoundError, KeyError, ClusterError) as e:
