@@ -8,8 +8,9 @@ import torch
 
 
 def logprob_mismatch(rollout_lp: list[torch.Tensor], trainer_lp: list[torch.Tensor]) -> dict[str, float]:
-    a = torch.cat([x.double() for x in rollout_lp]) if rollout_lp else torch.zeros(0, dtype=torch.float64)
-    b = torch.cat([x.double() for x in trainer_lp]) if trainer_lp else torch.zeros(0, dtype=torch.float64)
+    # One cast of the joined values (exact: fp32/bf16 -> fp64), not one per sequence.
+    a = torch.cat(rollout_lp).double() if rollout_lp else torch.zeros(0, dtype=torch.float64)
+    b = torch.cat(trainer_lp).double() if trainer_lp else torch.zeros(0, dtype=torch.float64)
     if a.shape != b.shape:
         raise ValueError(f"logprob_mismatch: {a.numel()} rollout tokens vs {b.numel()} trainer tokens")
     if a.numel() == 0:
