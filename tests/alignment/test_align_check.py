@@ -254,7 +254,7 @@ def test_routing_replay_takes_the_rollouts_experts(model_dir, prompts):
     """The rollout's recorded experts are altered (sequence 0, first MoE layer, every
     position: a different expert set). Without replay the trainer routes by itself and the
     alteration shows as router flips; with replay the trainer runs the altered experts (flips
-    0, said in a note) and its logprobs of sequence 0 move, the others' do not."""
+    0, said in a note) and its logprobs of sequence 0 move, the others' do not (up to rounding)."""
 
     class AlteredRoutes(NativeRollout):
         def run(self, prompts, params):
@@ -274,5 +274,9 @@ def test_routing_replay_takes_the_rollouts_experts(model_dir, prompts):
     assert plain.flips[1] > 0 and replayed.metrics["router/flip_mean"] == 0.0
     assert any("routing replay" in n for n in replayed.notes) and not any("routing replay" in n for n in plain.notes)
     lp_plain, lp_replay = plain.trainer_logprobs, replayed.trainer_logprobs
-    assert not torch.equal(lp_plain[0], lp_replay[0])
-    assert all(torch.equal(a, b) for a, b in zip(lp_plain[1:], lp_replay[1:]))
+    assert (lp_plain[0] - lp_replay[0]).abs().max() > 1e-3
+    # The others route as before, but not always to the bit: sequence 0's altered experts change
+    # the per-expert row counts, so the reference MoE's matmuls run at other shapes, and with
+    # two or more torch threads BLAS may split them differently (4.8e-7 with 2 threads on a
+    # 2-core AMD EPYC; bitwise with one, as scripts/test.sh runs).
+    assert all((a - b).abs().max() <= 1e-5 for a, b in zip(lp_plain[1:], lp_replay[1:]))
