@@ -109,7 +109,7 @@ class Workers:
         return ray.remote(RolloutWorker).options(**placed(self.pg, bundle, r_cpus, r_gpus)).remote(
             self.model_dir, self.cfg.rollout.engine, self.cfg.model.dtype, "cuda" if r_gpus else "cpu",
             0, int(max(r_cpus, 1)), self.cfg.rollout.gpu_memory_utilization,
-            self.cfg.alignment.mode == "exact", True)
+            self.cfg.alignment.mode == "exact", own_process=True)
 
     def generate(self, prompts: list[list[int]], params: SamplingParams, seeds: list[int],
                  group_ids: list[int], expect_version: bool = True) -> RolloutBatch:
