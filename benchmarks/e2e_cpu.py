@@ -267,6 +267,18 @@ def ring_breakdown(rows: list[dict]) -> list[str]:
     return out
 
 
+def cpu_model() -> str:
+    """The CPU's model name (ratios moved between two 2-core machines: record which one ran)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
+        if names:
+            return f"{names[0]}, {platform.machine()}"
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def versions() -> str:
     import importlib.metadata as md
 
@@ -345,7 +357,7 @@ def main() -> int:
             "# End-to-end GRPO step on CPU: ring-rl vs TRL GRPOTrainer",
             "",
             f"- date: {datetime.datetime.now().strftime('%Y-%m-%d %H:%M')}",
-            (f"- machine: 2-core CPU shared with other jobs ({platform.processor() or platform.machine()}); "
+            (f"- machine: {os.cpu_count()}-core CPU shared with other jobs ({cpu_model()}); "
              f"{versions()}"),
             f"- tree: {tree}",
             f"- command: `{cmd.strip()}` ({total:.0f} s in all, start-up of both systems included)",
