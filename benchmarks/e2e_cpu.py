@@ -13,7 +13,7 @@ next step's generation. Hyper-parameters that change no cost are matched too (lr
 
 Each system runs in a subprocess of its own, one after the other, so they never share the
 cores: ring-rl through the `ring-rl train` CLI (Ray actors: native rollout + DeepSpeed
-trainer, one torch thread each) and TRL through this file with --trl-worker (one process,
+trainer, one torch thread each) and TRL through `e2e_trl_worker.py` (one process,
 `--trl-threads` intra-op threads). ring-rl runs twice: on-policy (the default) and with
 `rollout.max_staleness=1` (step n+1 generated while the trainer updates on step n). The
 first step of each run is warm-up; the table shows the median of the others. A ring-rl
@@ -33,6 +33,7 @@ import datetime
 import json
 import os
 import platform
+import re
 import shlex
 import statistics
 import subprocess
@@ -43,6 +44,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "tiny-arith.yaml"
+TRL_WORKER = Path(__file__).with_name("e2e_trl_worker.py")
 PEER_SIZE = (32, 8, 4)  # TRL's peer figure in shared/docs/benchmarks.md
 KEPT = "\n## "  # a rewritten results file keeps its sections (analysis, history) from the first one on
 
@@ -119,7 +121,7 @@ def run_ring_rl(work: Path, ckpt: Path, data: dict[str, str], size: tuple[int, i
             "wall_s": wall, "load": load}
 
 
-# -- TRL: GRPOTrainer in a subprocess (this file with --trl-worker) ---------------------------
+# -- TRL: GRPOTrainer in a subprocess (e2e_trl_worker.py) ------------------------------------
 def run_trl(work: Path, ckpt: Path, data: dict[str, str], size: tuple[int, int, int], steps: int, threads: int,
             ring_malloc: bool = False) -> dict:
     """ring_malloc: TRL's process starts with the glibc malloc settings ring-rl's actors get
@@ -139,7 +141,7 @@ def run_trl(work: Path, ckpt: Path, data: dict[str, str], size: tuple[int, int, 
     load, t0 = load_avg(), time.perf_counter()
     log_path = work / f"trl-{tag}.log"
     with open(log_path, "w") as log:
-        proc = subprocess.run([sys.executable, __file__, "--trl-worker", json.dumps(spec)], cwd=ROOT, env=env,
+        proc = subprocess.run([sys.executable, str(TRL_WORKER), json.dumps(spec)], cwd=ROOT, env=env,
                               stdout=log, stderr=subprocess.STDOUT, timeout=900, check=False)
     wall = time.perf_counter() - t0
     if proc.returncode != 0:
@@ -147,70 +149,6 @@ def run_trl(work: Path, ckpt: Path, data: dict[str, str], size: tuple[int, int, 
     return {"system": "TRL 1.16 GRPOTrainer", "threads": f"{threads}" + (", ring-rl's malloc" if ring_malloc else ""),
             "size": size,
             "steps": json.loads(out.read_text()), "wall_s": wall, "load": load}
-
-
-def trl_worker(spec: dict) -> None:
-    import torch
-
-    torch.set_num_threads(spec["threads"])
-    from datasets import Dataset
-    from transformers import AutoModelForCausalLM, TrainerCallback
-    from trl import GRPOConfig, GRPOTrainer
-
-    import ring_rl.model  # noqa: F401  registers the Ring-linear auto classes
-    from ring_rl.config import load_config
-    from ring_rl.model.tokenizer import load_tokenizer
-    from ring_rl.rl.reward import RewardFn
-
-    cfg = load_config(str(CONFIG), [])
-    p, g, t = spec["size"]
-    rows = [json.loads(line) for line in Path(spec["data"]).read_text().splitlines() if line.strip()]
-    dataset = Dataset.from_list([{"prompt": r["prompt"], "answer": r["answer"]} for r in rows])
-    tokenizer = load_tokenizer(spec["ckpt"])
-    model = AutoModelForCausalLM.from_pretrained(spec["ckpt"])
-
-    current = {"tokens": 0, "gen_s": 0.0}
-    generate = model.generate
-
-    def timed_generate(*args, **kwargs):
-        t0 = time.perf_counter()
-        out = generate(*args, **kwargs)
-        current["gen_s"] += time.perf_counter() - t0
-        return out
-
-    model.generate = timed_generate
-    reward_fn = RewardFn(cfg.reward)
-
-    def reward(prompts, completions, completion_ids, answer, **_):
-        current["tokens"] += sum(len(ids) for ids in completion_ids)
-        return reward_fn.score(completions, answer)
-
-    tc = cfg.trainer
-    args = GRPOConfig(
-        output_dir=str(Path(spec["work"]) / "trl-out"), use_cpu=True, bf16=False, report_to="none",
-        max_steps=spec["steps"] + 1, logging_strategy="no", save_strategy="no", disable_tqdm=True,
-        gradient_checkpointing=False, seed=0, dataloader_num_workers=0,
-        num_generations=g, per_device_train_batch_size=p * g, gradient_accumulation_steps=1,
-        max_completion_length=t, temperature=1.0, top_p=1.0, top_k=0,
-        learning_rate=tc.lr, lr_scheduler_type="constant", weight_decay=tc.weight_decay,
-        max_grad_norm=tc.grad_clip, epsilon=tc.clip_low, epsilon_high=tc.clip_high,
-        beta=0.0, loss_type="dapo", scale_rewards="group" if tc.adv_std_norm else "none",
-    )
-    steps: list[dict] = []
-
-    class StepTimer(TrainerCallback):
-        def on_step_begin(self, *_, **__):
-            current.update(tokens=0, gen_s=0.0, t0=time.perf_counter())
-
-        def on_step_end(self, *_, **__):
-            steps.append({"s": time.perf_counter() - current["t0"], "gen_s": current["gen_s"],
-                          "tokens": current["tokens"]})
-
-    trainer = GRPOTrainer(model=model, reward_funcs=reward, args=args, train_dataset=dataset,
-                          processing_class=tokenizer, callbacks=[StepTimer()])
-    trainer.train()
-    reward_fn.close()
-    Path(spec["out"]).write_text(json.dumps(steps))
 
 
 # -- the table --------------------------------------------------------------------------------
@@ -268,15 +206,10 @@ def ring_breakdown(rows: list[dict]) -> list[str]:
 
 
 def cpu_model() -> str:
-    """The CPU's model name (ratios moved between two 2-core machines: record which one ran)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
-        if names:
-            return f"{names[0]}, {platform.machine()}"
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    """The CPU's model name (the ratio moved between two 2-core machines)."""
+    info = Path("/proc/cpuinfo")
+    names = re.findall(r"^model name\s*:\s*(.+)$", info.read_text(), re.M) if info.exists() else []
+    return f"{names[0]}, {platform.machine()}" if names else platform.machine()
 
 
 def versions() -> str:
@@ -300,11 +233,7 @@ def main() -> int:
     ap.add_argument("--trl-ring-malloc", choices=["on", "off"], default="on",
                     help="one more TRL run (the most threads) with the glibc malloc settings of ring-rl's actors")
     ap.add_argument("--out", default=str(ROOT / "benchmarks/results/e2e_cpu.md"), help="markdown file ('' = none)")
-    ap.add_argument("--trl-worker", help=argparse.SUPPRESS)
     args = ap.parse_args()
-    if args.trl_worker:
-        trl_worker(json.loads(args.trl_worker))
-        return 0
 
     size = (args.prompts, args.group, args.max_new_tokens)
     threads = [int(x) for x in args.trl_threads.split(",")]

@@ -12,14 +12,8 @@ from __future__ import annotations
 import atexit
 import gc
 
-_unfreeze_registered = False
-
-
 def freeze_startup_objects() -> None:
     """Freeze what is alive now; call once start-up is over (in processes ring-rl owns only:
     a library call that froze a user's objects would keep them from ever being collected)."""
-    global _unfreeze_registered
     gc.freeze()
-    if not _unfreeze_registered:
-        atexit.register(gc.unfreeze)
-        _unfreeze_registered = True
+    atexit.register(gc.unfreeze)  # a second registration (a restarted run) unfreezes nothing new

@@ -61,8 +61,7 @@ class TrainerEngine:
             model=self.policy, model_parameters=[p for p in self.policy.parameters() if p.requires_grad],
             config=build_ds_config(trainer_cfg, self.world_size),
             lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, factor))
-        if trainer_cfg.zero_stage == 0 and self.engine.dp_world_size == 1:
-            # One rank, no ZeRO: the all-reduce would only copy each gradient to a bucket and back.
+        if trainer_cfg.zero_stage == 0 and self.engine.dp_world_size == 1:  # its all-reduce: copies, nothing summed
             self.engine.enable_backward_allreduce = False
         self.device = self.engine.device
         self.reference = None
