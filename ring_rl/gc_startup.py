@@ -12,6 +12,7 @@ from __future__ import annotations
 import atexit
 import gc
 
+
 def freeze_startup_objects() -> None:
     """Freeze what is alive now; call once start-up is over (in processes ring-rl owns only:
     a library call that froze a user's objects would keep them from ever being collected)."""
