@@ -11,6 +11,7 @@ from torch import nn
 
 from ring_rl import kernels
 from ring_rl.kernels.packing import pad_packed, token_coords
+from ring_rl.kernels.prefix_blocks import softmax_blocks
 from ring_rl.model.cache import SeqBatch, SharedPrefix
 from ring_rl.model.config import RingLinearConfig
 from ring_rl.model.ops import ModelOps
@@ -167,6 +168,8 @@ def _shared_prefix_attention(q, k, v, sp: SharedPrefix) -> torch.Tensor:
     """Causal attention over a SharedPrefix layout: the prompts among themselves, then each
     continuation over [its prompt's keys | its own keys so far]. The prompt's keys are
     gathered per continuation, so their gradient sums over the group."""
+    if not q.is_cuda and sp.blocks is not None:  # CPU, short groups: one masked block per prompt
+        return softmax_blocks(q, k, v, sp.blocks)
     n = sp.prefix_tokens
     out = _varlen_attention(q[:n], k[:n], v[:n], sp.prefix_cu, sp.prefix_max)
     if q.shape[0] == n:
@@ -191,8 +194,9 @@ def _shared_lightning(ops: ModelOps, q, k, v, decay, scale: float, sp: SharedPre
     """Lightning attention over a SharedPrefix layout: the prompts first, then each
     continuation as the tail of one sequence with its prompt (the prompt's gradient sums
     over the group). `lightning_attn_shared`, through the op set's lightning_attn."""
+    blocks = sp.blocks if not q.is_cuda else None
     return kernels.lightning_attn_shared(q, k, v, decay, scale, sp.prefix_cu, sp.suffix_cu, sp.parent,
-                                         lightning=ops.lightning_attn, prefix_tokens=sp.prefix_tokens)
+                                         lightning=ops.lightning_attn, prefix_tokens=sp.prefix_tokens, blocks=blocks)
 
 
 def _decode_attention(q, k, v, batch: SeqBatch, layer_idx: int) -> torch.Tensor:

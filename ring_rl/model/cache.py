@@ -7,11 +7,13 @@ sequences of different lengths decode side by side.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
 
 from ring_rl.kernels.packing import token_coords
+from ring_rl.kernels.prefix_blocks import PrefixBlocks, prefix_blocks
 from ring_rl.model.config import RingLinearConfig
 
 
@@ -119,6 +121,12 @@ class SharedPrefix:
     prefix_tokens: int
     prefix_max: int
     suffix_max: int
+
+    @functools.cached_property
+    def blocks(self) -> PrefixBlocks | None:
+        """One block of rows per prompt and its continuations (`ring_rl.kernels.prefix_blocks`),
+        built once for all layers; None when a block would be longer than its MAX_BLOCK."""
+        return prefix_blocks(self.prefix_cu, self.suffix_cu, self.parent)
 
 
 @dataclass

@@ -17,6 +17,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from ring_rl.kernels import prefix_blocks as prefix_blocks_module
 from ring_rl.kernels.lightning_attn import (
     chunk_lightning_attn_ref,
     lightning_attn,
@@ -174,14 +175,17 @@ def test_shared_initial_states(monkeypatch, mode):
 
 
 @pytest.mark.parametrize("decay", ["model-late-layer", "extreme"])
-@pytest.mark.parametrize("mode", ["auto", "reference"])
+@pytest.mark.parametrize("mode", ["auto", "auto-gathered", "reference"])
 def test_shared_prompts_layout_matches_whole_sequences(monkeypatch, mode, decay):
     """lightning_attn_shared: 3 prompts (9, 1, 4 tokens), then 6 continuations (1..5 tokens)
     of them, unordered. Against the fp64 naive form of each prompt alone and of each
     prompt + continuation as one sequence: the same outputs, and q/k/v gradients summed over
-    a prompt's continuations. auto: the CPU batched form over gathered prompt keys;
-    reference: the prompts' final states carried into the continuations."""
-    monkeypatch.setenv("RING_RL_KERNELS", mode)
+    a prompt's continuations. auto: the CPU form over one masked block per prompt;
+    auto-gathered: blocks too long for it (MAX_BLOCK 4), the batched form over gathered
+    prompt keys; reference: the prompts' final states carried into the continuations."""
+    monkeypatch.setenv("RING_RL_KERNELS", mode.split("-")[0])
+    if mode == "auto-gathered":
+        monkeypatch.setattr(prefix_blocks_module, "MAX_BLOCK", 4)
     gen = torch.Generator().manual_seed(5)
     H, K, V = 2, 16, 32
     plens, slens, parent = [9, 1, 4], [3, 1, 5, 2, 4, 1], torch.tensor([2, 0, 2, 1, 0, 0])
@@ -190,6 +194,8 @@ def test_shared_prompts_layout_matches_whole_sequences(monkeypatch, mode, decay)
     suffix_cu = torch.tensor([0, *torch.tensor(slens).cumsum(0).tolist()], dtype=torch.int32)
     q, k, v, do = (torch.randn(total, H, d, generator=gen) for d in (K, K, V, V))
     g = DECAYS[decay](H).float()
+    blocks = prefix_blocks_module.prefix_blocks(prefix_cu, suffix_cu, parent)  # longest block: 9 + 1 + 4 + 1 rows
+    assert (blocks is None) == (mode == "auto-gathered") and (blocks is None or blocks.size == 15)
     # whole sequences: each prompt alone, then prompt + continuation for each continuation
     rows = [list(range(s, e)) for s, e in zip(prefix_cu[:-1].tolist(), prefix_cu[1:].tolist())]
     tails = [list(range(n + s, n + e)) for s, e in zip(suffix_cu[:-1].tolist(), suffix_cu[1:].tolist())]

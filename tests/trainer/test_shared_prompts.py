@@ -13,6 +13,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from ring_rl.kernels import prefix_blocks
 from ring_rl.model import RingLinearForCausalLM, load_model_config
 from ring_rl.trainer.logprobs import (
     FlatPolicy,
@@ -55,11 +56,18 @@ def _scores(model, packed):
     return logp.detach(), ids, grads
 
 
+@pytest.mark.parametrize("attention", ["blocks", "per-continuation"])
 @pytest.mark.parametrize("interleave", [True, False])
-def test_shared_prompts_match_plain_packing(model, interleave):
+def test_shared_prompts_match_plain_packing(model, interleave, attention, monkeypatch):
+    """attention: how the CPU attention layers run the shared layout, as one masked block per
+    prompt (groups this small) or per continuation over its prompt's gathered keys (groups
+    longer than MAX_BLOCK rows)."""
+    if attention == "per-continuation":
+        monkeypatch.setattr(prefix_blocks, "MAX_BLOCK", 1)
     prompts, responses = _groups(1, interleave=interleave)
     plain = pack(*response_sequences(prompts, responses), "cpu")
     shared = pack_shared(prompts, responses, "cpu")
+    assert (shared.batch.shared.blocks is None) == (attention == "per-continuation")
     # each prompt once, then every response minus its last token
     assert shared.input_ids.numel() == 7 + 4 + 9 + sum(r.numel() - 1 for r in responses)
     assert shared.input_ids.numel() < plain.input_ids.numel()

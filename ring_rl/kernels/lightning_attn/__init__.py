@@ -5,7 +5,7 @@
                                     initial_state_index=None)
     o = lightning_attn_decode(q, k, v, log_decay, state, state_indices=None, scale=None)
     o = lightning_attn_shared(q, k, v, log_decay, scale, prefix_cu, suffix_cu, parent, lightning=None,
-                              prefix_tokens=None)
+                              prefix_tokens=None, blocks=None)
 
 The maths is defined in `reference.py`. Dispatch (see `ring_rl.kernels.dispatch`): Triton on
 CUDA tensors (chunked kernels in `triton_chunk.py` / `triton_chunk_bwd.py`, the one-step kernel
@@ -32,6 +32,7 @@ from ring_rl.kernels.lightning_attn.torch_batched import (
     lightning_attn_batched,
     lightning_attn_shared_batched,
 )
+from ring_rl.kernels.prefix_blocks import PrefixBlocks, lightning_blocks, prefix_blocks
 
 __all__ = [
     "lightning_attn",
@@ -112,22 +113,27 @@ def lightning_attn(q, k, v, log_decay, scale=None, initial_state=None,
 
 
 def lightning_attn_shared(q, k, v, log_decay, scale, prefix_cu, suffix_cu, parent, lightning=None,
-                          prefix_tokens: int | None = None):
+                          prefix_tokens: int | None = None, blocks: PrefixBlocks | None = None):
     """Prompts shared by groups of continuations, in one flat batch: q, k [N, H, K], v [N, H, V]
     hold the prompts packed by prefix_cu (int [U+1]), then the continuations packed by
     suffix_cu (int [S+1]), continuation j carrying on from prompt parent[j] (long [S]).
     Returns o [N, H, V] in v's dtype: each prompt's outputs, then each continuation's as the
-    tail of one sequence with its prompt. On CPU with short sequences (prompt + continuation
-    <= MAX_LEN) the batched quadratic form over the gathered prompt keys (torch_batched.py);
-    otherwise the prompts' final states carried into the continuations (`initial_state_index`)
-    through `lightning` (default `lightning_attn`; another one, e.g. an op set's recording
-    wrapper, always takes that path). prefix_tokens: prefix_cu[-1] if the caller knows it
-    (no host sync on a GPU)."""
+    tail of one sequence with its prompt. On CPU: while a prompt and all of its continuations
+    fit in MAX_BLOCK rows, the quadratic form over one masked block per prompt
+    (`ring_rl.kernels.prefix_blocks`; `blocks`: its layout, if the caller has it); else with
+    short sequences (prompt + continuation <= MAX_LEN) the batched quadratic form over the
+    gathered prompt keys (torch_batched.py). Otherwise the prompts' final states carried into
+    the continuations (`initial_state_index`) through `lightning` (default `lightning_attn`;
+    another one, e.g. an op set's recording wrapper, always takes that path).
+    prefix_tokens: prefix_cu[-1] if the caller knows it (no host sync on a GPU)."""
     n = int(prefix_cu[-1]) if prefix_tokens is None else prefix_tokens
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    if (lightning in (None, lightning_attn) and not use_triton(q, k, v) and kernel_mode() == "auto"
-            and _longest(q[None, :n], prefix_cu) + _longest(q[None, n:], suffix_cu) <= MAX_LEN):
-        return lightning_attn_shared_batched(q, k, v, log_decay, scale, prefix_cu, suffix_cu, parent, n)
+    if lightning in (None, lightning_attn) and not use_triton(q, k, v) and kernel_mode() == "auto":
+        blocks = blocks if blocks is not None else prefix_blocks(prefix_cu, suffix_cu, parent)
+        if blocks is not None:
+            return lightning_blocks(q, k, v, log_decay, scale, blocks)
+        if _longest(q[None, :n], prefix_cu) + _longest(q[None, n:], suffix_cu) <= MAX_LEN:
+            return lightning_attn_shared_batched(q, k, v, log_decay, scale, prefix_cu, suffix_cu, parent, n)
     lightning = lightning or lightning_attn
     (q_pre, q_suf), (k_pre, k_suf), (v_pre, v_suf) = (t.split([n, t.shape[0] - n]) for t in (q, k, v))
     o, final = lightning(q_pre[None], k_pre[None], v_pre[None].contiguous(), log_decay, scale=scale,
