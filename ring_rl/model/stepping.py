@@ -15,7 +15,7 @@ from typing import Protocol
 
 import torch
 
-from ring_rl.model.cache import SeqBatch
+from ring_rl.model.cache import RingCache, SeqBatch
 from ring_rl.model.modeling import RingLinearForCausalLM
 from ring_rl.model.sampling import entropy_from_logits, sample, token_logprobs
 
@@ -37,9 +37,11 @@ class ScheduleResult:
 @torch.no_grad()
 def run_schedule(model: RingLinearForCausalLM, prompts: list[list[int]], max_new_tokens: int,
                  choose: Chooser, temperature: float, prefill_chunk: int = 0,
-                 with_entropy: bool = False) -> ScheduleResult:
+                 with_entropy: bool = False, cache: RingCache | None = None) -> ScheduleResult:
+    """cache: `reusable_cache`'s result, the slot cache of an earlier call taken over without
+    zeroing its buffers again (default: a new one)."""
     n, dev = len(prompts), model.lm_head.weight.device
-    cache = model.new_cache(n, capacity=max(len(p) for p in prompts) + max_new_tokens)
+    cache = cache or model.new_cache(n, capacity=max(len(p) for p in prompts) + max_new_tokens)
     res = ScheduleResult([[] for _ in range(n)], [], None, [False] * n, [[] for _ in range(n)])
     logits = _prefill(model, prompts, cache, res.routes, prefill_chunk)
     active = torch.arange(n, device=dev)  # the rows still going; row active[j] lives in cache slot j
@@ -75,6 +77,19 @@ def run_schedule(model: RingLinearForCausalLM, prompts: list[list[int]], max_new
     return res
 
 
+def reusable_cache(cache: RingCache | None, model: RingLinearForCausalLM, num_slots: int) -> RingCache | None:
+    """`cache` if `run_schedule` may take it over for `num_slots` sequences on this model
+    (same slot count, dtypes and device; KV capacity grows by itself), else None."""
+    if cache is None or cache.num_slots != num_slots:
+        return None
+    weight = model.lm_head.weight
+    states = list(cache.state.values())
+    if (cache.dtype, cache.device) != (weight.dtype, weight.device) or (
+            states and states[0].dtype != model.ops.state_dtype):
+        return None
+    return cache
+
+
 def _per_sequence(steps: list[tuple[torch.Tensor, torch.Tensor]], n: int, lengths: list[int]) -> list[torch.Tensor]:
     """Step s's values for its rows `active` → one tensor per sequence (a sequence is active
     at steps 0..len-1, so its values are the first `len` of its row in the [n, steps] table)."""
@@ -98,6 +113,11 @@ def _prefill(model, prompts, cache, routes, chunk) -> torch.Tensor:
         raise ValueError("every prompt needs at least one token")
     first: dict[tuple, int] = {}
     source = [first.setdefault(tuple(p), i) for i, p in enumerate(prompts)]
+    # What the first prefill reads of the cache: lengths, and the lightning states of the slots
+    # it runs (all zero when new). The other slots are written (copied) before they are read,
+    # and KV positions past a slot's length are masked out, so a used cache needs no more.
+    cache.lengths.zero_()
+    cache.reset(torch.tensor(list(first.values()), dtype=torch.long, device=dev))
     chunk = chunk or max(lens)
     last = [None] * n
     for start in range(0, max(lens), chunk):

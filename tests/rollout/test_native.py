@@ -102,3 +102,21 @@ def test_repeated_prompts_are_prefilled_once_with_the_same_results(model):
         assert alone.response_ids[0].tolist() == out.response_ids[i].tolist()
         torch.testing.assert_close(alone.logprobs[0], out.logprobs[i], atol=1e-5, rtol=0)
         assert torch.equal(alone.router_ids[0], out.router_ids[i])
+
+
+@pytest.mark.parametrize("prefill_chunk", [0, 3])
+def test_a_used_cache_gives_what_a_new_one_gives(model, prefill_chunk):
+    """The engine keeps its slot cache between calls of the same size without zeroing it:
+    after a call on other prompts (longer ones, EOS at other steps), a call gives bitwise
+    what a new engine gives."""
+    params = SamplingParams(temperature=1.0, max_new_tokens=9, seed=4)
+    prompts = [p for p in _prompts(3, seed=11) for _ in range(4)]
+    used = NativeEngine(model, EOS, prefill_chunk=prefill_chunk)
+    used.generate([p * 2 for p in _prompts(12, seed=12)], params, seeds=list(range(100, 112)))
+    kept = used._cache
+    got = used.generate(prompts, params, seeds=list(range(12)))
+    assert used._cache is kept  # taken over, not rebuilt
+    want = NativeEngine(model, EOS, prefill_chunk=prefill_chunk).generate(prompts, params, seeds=list(range(12)))
+    assert [r.tolist() for r in got.response_ids] == [r.tolist() for r in want.response_ids]
+    assert all(torch.equal(a, b) for a, b in zip(got.logprobs, want.logprobs))
+    assert all(torch.equal(a, b) for a, b in zip(got.router_ids, want.router_ids))
