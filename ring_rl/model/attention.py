@@ -167,7 +167,9 @@ def _varlen_attention(q, k, v, cu_seqlens: torch.Tensor, tmax: int) -> torch.Ten
 def _shared_prefix_attention(q, k, v, sp: SharedPrefix) -> torch.Tensor:
     """Causal attention over a SharedPrefix layout: the prompts among themselves, then each
     continuation over [its prompt's keys | its own keys so far]. The prompt's keys are
-    gathered per continuation, so their gradient sums over the group."""
+    gathered per continuation, so their gradient sums over the group. On CPU, while each
+    prompt and its continuations fit in one block (`SharedPrefix.blocks`), the same attention
+    runs as one masked block per prompt."""
     if not q.is_cuda and sp.blocks is not None:  # CPU, short groups: one masked block per prompt
         return softmax_blocks(q, k, v, sp.blocks)
     n = sp.prefix_tokens

@@ -41,7 +41,8 @@ def run_schedule(model: RingLinearForCausalLM, prompts: list[list[int]], max_new
     """cache: `reusable_cache`'s result, the slot cache of an earlier call taken over without
     zeroing its buffers again (default: a new one)."""
     n, dev = len(prompts), model.lm_head.weight.device
-    cache = cache or model.new_cache(n, capacity=max(len(p) for p in prompts) + max_new_tokens)
+    if cache is None:
+        cache = model.new_cache(n, capacity=max(len(p) for p in prompts) + max_new_tokens)
     res = ScheduleResult([[] for _ in range(n)], [], None, [False] * n, [[] for _ in range(n)])
     logits = _prefill(model, prompts, cache, res.routes, prefill_chunk)
     active = torch.arange(n, device=dev)  # the rows still going; row active[j] lives in cache slot j
