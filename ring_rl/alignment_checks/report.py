@@ -71,12 +71,10 @@ def save_token_arrays(run_dir: str | os.PathLike, step: int, rollout_lp: list[to
 
 
 def _flat64(xs: list[torch.Tensor]) -> torch.Tensor:
-    """The per-sequence values back to back, fp64 on the CPU (one cat, then one cast)."""
+    """The per-sequence [R_i] values back to back, fp64 on the CPU (one cat, then one cast)."""
     if not xs:
         return torch.zeros(0, dtype=torch.float64)
-    if all(x.dim() == 1 for x in xs):  # the usual per-sequence [R_i]: no view per tensor
-        return torch.cat(list(xs)).detach().cpu().double()
-    return torch.cat([x.reshape(-1) for x in xs]).detach().cpu().double()
+    return torch.cat(list(xs)).detach().cpu().double()
 
 
 def load_token_arrays(run_dir: str | os.PathLike) -> dict[str, np.ndarray] | None:

@@ -17,6 +17,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ring_rl.kernels.packing import token_coords
+
 MAX_BLOCK = 128  # longest block (prompt + all of its continuations) the block form takes
 
 
@@ -53,7 +55,7 @@ def prefix_blocks(prefix_cu: torch.Tensor, suffix_cu: torch.Tensor, parent: torc
     MAX_BLOCK)."""
     device = prefix_cu.device
     plen, slen = torch.diff(prefix_cu).long(), torch.diff(suffix_cu).long()
-    u, s = plen.numel(), slen.numel()
+    u = plen.numel()
     parent = parent.long().to(device)
     # Each continuation's start within its block: its prompt, then its elder siblings.
     order = torch.sort(parent, stable=True).indices
@@ -66,10 +68,8 @@ def prefix_blocks(prefix_cu: torch.Tensor, suffix_cu: torch.Tensor, parent: torc
     if size > (MAX_BLOCK if max_size is None else max_size):
         return None
     # Block position, token position and owner (-1: the prompt; j: continuation j) of every row.
-    p_seq = torch.repeat_interleave(torch.arange(u, device=device), plen)
-    p_pos = torch.arange(p_seq.numel(), device=device) - prefix_cu[:-1].long()[p_seq]
-    s_seq = torch.repeat_interleave(torch.arange(s, device=device), slen)
-    s_idx = torch.arange(s_seq.numel(), device=device) - suffix_cu[:-1].long()[s_seq]
+    p_seq, p_pos = token_coords(prefix_cu)
+    s_seq, s_idx = token_coords(suffix_cu)
     s_block = parent[s_seq]
     rows = torch.cat([p_seq * size + p_pos, s_block * size + offset[s_seq] + s_idx])
     gather = torch.zeros(u * size, dtype=torch.long, device=device)

@@ -41,10 +41,11 @@ def run_schedule(model: RingLinearForCausalLM, prompts: list[list[int]], max_new
     """cache: `reusable_cache`'s result, the slot cache of an earlier call taken over without
     zeroing its buffers again (default: a new one)."""
     n, dev = len(prompts), model.lm_head.weight.device
-    if cache is None:
+    reused = cache is not None
+    if not reused:
         cache = model.new_cache(n, capacity=max(len(p) for p in prompts) + max_new_tokens)
     res = ScheduleResult([[] for _ in range(n)], [], None, [False] * n, [[] for _ in range(n)])
-    logits = _prefill(model, prompts, cache, res.routes, prefill_chunk)
+    logits = _prefill(model, prompts, cache, res.routes, prefill_chunk, reused)
     active = torch.arange(n, device=dev)  # the rows still going; row active[j] lives in cache slot j
     steps = []  # (active, logprobs, entropies) of each step: per-sequence tensors are cut at the end
     for step in range(max_new_tokens):
@@ -103,7 +104,7 @@ def _per_sequence(steps: list[tuple[torch.Tensor, torch.Tensor]], n: int, length
     return list(torch.split(table[keep], lengths))
 
 
-def _prefill(model, prompts, cache, routes, chunk) -> torch.Tensor:
+def _prefill(model, prompts, cache, routes, chunk, reused: bool = False) -> torch.Tensor:
     """Run the prompts (in chunks of `chunk` tokens if > 0); return each one's last logits.
 
     A prompt that occurs several times (GRPO samples a group of responses per prompt) is run
@@ -114,11 +115,11 @@ def _prefill(model, prompts, cache, routes, chunk) -> torch.Tensor:
         raise ValueError("every prompt needs at least one token")
     first: dict[tuple, int] = {}
     source = [first.setdefault(tuple(p), i) for i, p in enumerate(prompts)]
-    # What the first prefill reads of the cache: lengths, and the lightning states of the slots
-    # it runs (all zero when new). The other slots are written (copied) before they are read,
-    # and KV positions past a slot's length are masked out, so a used cache needs no more.
-    cache.lengths.zero_()
-    cache.reset(torch.tensor(list(first.values()), dtype=torch.long, device=dev))
+    if reused:
+        # What the first prefill reads of the cache: the lengths and lightning states of the
+        # slots it runs. The other slots are written (copied) before they are read, and KV
+        # positions past a slot's length are masked out, so a used cache needs no more.
+        cache.reset(torch.tensor(list(first.values()), dtype=torch.long, device=dev))
     chunk = chunk or max(lens)
     last = [None] * n
     for start in range(0, max(lens), chunk):

@@ -17,7 +17,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ring_rl.kernels import prefix_blocks as prefix_blocks_module
 from ring_rl.kernels.lightning_attn import (
     chunk_lightning_attn_ref,
     lightning_attn,
@@ -29,6 +28,7 @@ from ring_rl.kernels.lightning_attn import (
     triton_chunk,
 )
 from ring_rl.kernels.lightning_attn.torch_batched import lightning_attn_batched
+from ring_rl.kernels.prefix_blocks import prefix_blocks
 
 GPU = [pytest.mark.gpu,
        pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
@@ -181,11 +181,9 @@ def test_shared_prompts_layout_matches_whole_sequences(monkeypatch, mode, decay)
     of them, unordered. Against the fp64 naive form of each prompt alone and of each
     prompt + continuation as one sequence: the same outputs, and q/k/v gradients summed over
     a prompt's continuations. auto: the CPU form over one masked block per prompt;
-    auto-gathered: blocks too long for it (MAX_BLOCK 4), the batched form over gathered
+    auto-gathered: no block layout (too long for a MAX_BLOCK of 4), the batched form over gathered
     prompt keys; reference: the prompts' final states carried into the continuations."""
     monkeypatch.setenv("RING_RL_KERNELS", mode.split("-")[0])
-    if mode == "auto-gathered":
-        monkeypatch.setattr(prefix_blocks_module, "MAX_BLOCK", 4)
     gen = torch.Generator().manual_seed(5)
     H, K, V = 2, 16, 32
     plens, slens, parent = [9, 1, 4], [3, 1, 5, 2, 4, 1], torch.tensor([2, 0, 2, 1, 0, 0])
@@ -194,7 +192,8 @@ def test_shared_prompts_layout_matches_whole_sequences(monkeypatch, mode, decay)
     suffix_cu = torch.tensor([0, *torch.tensor(slens).cumsum(0).tolist()], dtype=torch.int32)
     q, k, v, do = (torch.randn(total, H, d, generator=gen) for d in (K, K, V, V))
     g = DECAYS[decay](H).float()
-    blocks = prefix_blocks_module.prefix_blocks(prefix_cu, suffix_cu, parent)  # longest block: 9 + 1 + 4 + 1 rows
+    # longest block: 9 + 1 + 4 + 1 rows; auto-gathered: too long for a MAX_BLOCK of 4
+    blocks = prefix_blocks(prefix_cu, suffix_cu, parent, max_size=4 if mode == "auto-gathered" else None)
     assert (blocks is None) == (mode == "auto-gathered") and (blocks is None or blocks.size == 15)
     # whole sequences: each prompt alone, then prompt + continuation for each continuation
     rows = [list(range(s, e)) for s, e in zip(prefix_cu[:-1].tolist(), prefix_cu[1:].tolist())]
@@ -213,7 +212,7 @@ def test_shared_prompts_layout_matches_whole_sequences(monkeypatch, mode, decay)
         return [o] + [x.grad for x in leaves]
 
     leaves = [x.clone().requires_grad_() for x in (q, k, v)]
-    got = grads(lightning_attn_shared(*leaves, g, None, prefix_cu, suffix_cu, parent), leaves)
+    got = grads(lightning_attn_shared(*leaves, g, None, prefix_cu, suffix_cu, parent, blocks=blocks), leaves)
     ref_leaves = [x.double().requires_grad_() for x in (q, k, v)]
     o_ref, _ = naive_lightning_attn(*(x[index][None] for x in ref_leaves), g.double(), cu_seqlens=whole_cu)
     want = grads(o_ref[0][torch.tensor(out_rows)], ref_leaves)

@@ -32,7 +32,7 @@ from ring_rl.kernels.lightning_attn.torch_batched import (
     lightning_attn_batched,
     lightning_attn_shared_batched,
 )
-from ring_rl.kernels.prefix_blocks import PrefixBlocks, lightning_blocks, prefix_blocks
+from ring_rl.kernels.prefix_blocks import PrefixBlocks, lightning_blocks
 
 __all__ = [
     "lightning_attn",
@@ -118,9 +118,9 @@ def lightning_attn_shared(q, k, v, log_decay, scale, prefix_cu, suffix_cu, paren
     hold the prompts packed by prefix_cu (int [U+1]), then the continuations packed by
     suffix_cu (int [S+1]), continuation j carrying on from prompt parent[j] (long [S]).
     Returns o [N, H, V] in v's dtype: each prompt's outputs, then each continuation's as the
-    tail of one sequence with its prompt. On CPU: while a prompt and all of its continuations
-    fit in MAX_BLOCK rows, the quadratic form over one masked block per prompt
-    (`ring_rl.kernels.prefix_blocks`; `blocks`: its layout, if the caller has it); else with
+    tail of one sequence with its prompt. On CPU: given `blocks` (the layout of
+    `ring_rl.kernels.prefix_blocks.prefix_blocks`, None when a prompt and its continuations do
+    not fit in MAX_BLOCK rows), the quadratic form over one masked block per prompt; else with
     short sequences (prompt + continuation <= MAX_LEN) the batched quadratic form over the
     gathered prompt keys (torch_batched.py). Otherwise the prompts' final states carried into
     the continuations (`initial_state_index`) through `lightning` (default `lightning_attn`;
@@ -129,7 +129,6 @@ def lightning_attn_shared(q, k, v, log_decay, scale, prefix_cu, suffix_cu, paren
     n = int(prefix_cu[-1]) if prefix_tokens is None else prefix_tokens
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     if lightning in (None, lightning_attn) and not use_triton(q, k, v) and kernel_mode() == "auto":
-        blocks = blocks if blocks is not None else prefix_blocks(prefix_cu, suffix_cu, parent)
         if blocks is not None:
             return lightning_blocks(q, k, v, log_decay, scale, blocks)
         if _longest(q[None, :n], prefix_cu) + _longest(q[None, n:], suffix_cu) <= MAX_LEN:
